@@ -1,0 +1,5 @@
+//! Trained adapters: their in-memory form and, later, their files.
+
+mod lora;
+
+pub use lora::{LoraPair, LoraTarget, LoraWeights};

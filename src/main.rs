@@ -1,0 +1,3 @@
+//! The `nextquill` command-line tool: a thin facade over the library.
+
+fn main() {}
