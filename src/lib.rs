@@ -15,7 +15,13 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod effect;
+pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod llm;
+pub mod prompt;
+pub mod store;
+pub mod train;
 
 pub use error::{Error, Result};
