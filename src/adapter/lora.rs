@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::{Error, Result};
+
 /// A linear projection of a transformer block that a LoRA pair can adapt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -121,5 +123,72 @@ impl LoraWeights {
         targets.sort();
         targets.dedup();
         targets
+    }
+}
+
+impl LoraWeights {
+    /// Checks that the weights describe one well-formed adapter: a rank above
+    /// zero shared by every pair, a finite alpha, buffers of the sizes the
+    /// shapes give, finite values, and no projection adapted twice.
+    ///
+    /// Every writer calls this first, so no file is ever written from
+    /// weights that llama.cpp or PEFT would misread.
+    pub fn check(&self) -> Result<()> {
+        let invalid = |reason: String| {
+            Err(Error::InvalidArgument {
+                name: "LoRA weights",
+                reason,
+            })
+        };
+        if self.rank == 0 {
+            return invalid("rank is 0; a LoRA pair needs rank >= 1".into());
+        }
+        if !self.alpha.is_finite() {
+            return invalid(format!("alpha {} is not a finite number", self.alpha));
+        }
+        if self.pairs.is_empty() {
+            return invalid("no adapted projections; an adapter needs at least one pair".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for pair in &self.pairs {
+            let name = format!("layer {} {}", pair.layer, pair.target.gguf_name());
+            if !seen.insert((pair.layer, pair.target)) {
+                return invalid(format!("{name} is adapted twice"));
+            }
+            if pair.n_in == 0 || pair.n_out == 0 {
+                return invalid(format!(
+                    "{name} has shape {}x{}; both widths must be above 0",
+                    pair.n_out, pair.n_in
+                ));
+            }
+            let (want_a, want_b) = (self.rank * pair.n_in, pair.n_out * self.rank);
+            if pair.lora_a.len() != want_a || pair.lora_b.len() != want_b {
+                return invalid(format!(
+                    "{name}: lora_a holds {} values and lora_b {}, but rank {} with n_in {} \
+                     and n_out {} needs {want_a} and {want_b}",
+                    pair.lora_a.len(),
+                    pair.lora_b.len(),
+                    self.rank,
+                    pair.n_in,
+                    pair.n_out
+                ));
+            }
+            if pair
+                .lora_a
+                .iter()
+                .chain(&pair.lora_b)
+                .any(|v| !v.is_finite())
+            {
+                return invalid(format!("{name} holds a value that is NaN or infinite"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The pairs in file order (by layer, then target in block order).
+    pub(crate) fn sorted_pairs(&self) -> Vec<&LoraPair> {
+        let mut pairs: Vec<&LoraPair> = self.pairs.iter().collect();
+        pairs.sort_by_key(|p| (p.layer, p.target));
+        pairs
     }
 }
