@@ -129,6 +129,9 @@ impl Model {
             .as_ref()
             .and_then(|t| t.to_str().ok().map(str::to_owned));
         let meta = |key: &str| llama.meta_val_str(key).ok();
+        // llama.cpp reads head counts from layer 0 and aborts the process when
+        // there is no layer (a vocabulary-only load): ask only when there is one.
+        let has_layers = llama.n_layer() > 0;
         let info = ModelInfo {
             path: path.to_path_buf(),
             architecture: meta("general.architecture").unwrap_or_default(),
@@ -137,8 +140,8 @@ impl Model {
             n_params: llama.n_params(),
             n_layer: llama.n_layer(),
             n_embd: u32::try_from(llama.n_embd()).unwrap_or(0),
-            n_head: llama.n_head(),
-            n_head_kv: llama.n_head_kv(),
+            n_head: if has_layers { llama.n_head() } else { 0 },
+            n_head_kv: if has_layers { llama.n_head_kv() } else { 0 },
             n_vocab: u32::try_from(llama.n_vocab()).unwrap_or(0),
             n_ctx_train: llama.n_ctx_train(),
             chat_template,
@@ -243,7 +246,11 @@ impl Model {
     /// Renders `messages` with the model's chat template (llama.cpp's built-in
     /// template matcher, not a Jinja engine), ending with the opening of the
     /// assistant's turn when `open_assistant_turn` is set.
-    pub fn render_chat(&self, messages: &[(Role, &str)], open_assistant_turn: bool) -> Result<String> {
+    pub fn render_chat(
+        &self,
+        messages: &[(Role, &str)],
+        open_assistant_turn: bool,
+    ) -> Result<String> {
         let template = self.template.as_ref().ok_or_else(|| Error::InvalidModel {
             path: self.info.path.clone(),
             reason: "the file has no chat template (tokenizer.chat_template)".into(),
@@ -309,7 +316,8 @@ fn check_gguf_file(path: &Path) -> Result<u64> {
              pass a .gguf model file"
         )));
     }
-    file.seek(SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io(path, e))?;
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| {
         invalid(format!(
             "its header cannot be read ({e}); the file is damaged or truncated, fetch it again"

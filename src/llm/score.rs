@@ -108,7 +108,7 @@ impl Session<'_> {
         let mut out_index = vec![vec![0i32; response.len()]; prompts.len()];
         let all_seqs: Vec<i32> = (0..prompts.len() as i32).collect();
         let mut index = 0i32;
-        for pos in 0..shared {
+        for (pos, &token) in sequences[0][..shared].iter().enumerate() {
             let mut wanted = false;
             for (s, rows) in out_index.iter_mut().enumerate() {
                 if let Some(t) = predicts(s, pos) {
@@ -116,7 +116,7 @@ impl Session<'_> {
                     wanted = true;
                 }
             }
-            add(&mut batch, sequences[0][pos], pos, &all_seqs, wanted)?;
+            add(&mut batch, token, pos, &all_seqs, wanted)?;
             index += 1;
         }
         for (s, sequence) in sequences.iter().enumerate() {
@@ -130,7 +130,8 @@ impl Session<'_> {
             }
         }
 
-        let _span = tracing::debug_span!("score", tokens = total, prompts = prompts.len()).entered();
+        let _span =
+            tracing::debug_span!("score", tokens = total, prompts = prompts.len()).entered();
         self.clear();
         self.decode(&mut batch)?;
 
