@@ -332,8 +332,8 @@ mod tests {
         assert_eq!(
             removed,
             [
-                (outside.clone(), FileDisposal::LeftForCaller),
                 (managed.join("v3.gguf"), FileDisposal::Deleted),
+                (outside.clone(), FileDisposal::LeftForCaller),
             ]
         );
         assert!(outside.exists());

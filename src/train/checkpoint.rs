@@ -83,7 +83,8 @@ pub(crate) fn save(dir: &Path, checkpoint: &Checkpoint) -> Result<PathBuf> {
     }
     let state = serde_json::to_string(&checkpoint.state).map_err(|e| checkpoint_err(&path, e))?;
     let metadata = HashMap::from([("nextquill.loop".to_string(), state)]);
-    let bytes = safetensors::serialize(named, Some(metadata)).map_err(|e| checkpoint_err(&path, e))?;
+    let bytes =
+        safetensors::serialize(named, Some(metadata)).map_err(|e| checkpoint_err(&path, e))?;
 
     let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     file.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
@@ -105,7 +106,8 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Option<Checkpoint>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(&path, e)),
     };
-    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| checkpoint_err(&path, e))?;
+    let (_, metadata) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| checkpoint_err(&path, e))?;
     let state = metadata
         .metadata()
         .as_ref()
@@ -113,7 +115,8 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Option<Checkpoint>> {
         .ok_or_else(|| checkpoint_err(&path, "it has no nextquill loop state"))?;
     let state: LoopState = serde_json::from_str(state).map_err(|e| checkpoint_err(&path, e))?;
 
-    let mut tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| checkpoint_err(&path, e))?;
+    let mut tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| checkpoint_err(&path, e))?;
     let mut group = |prefix: &str| -> Vec<Tensor> {
         let mut out = Vec::new();
         while let Some(t) = tensors.remove(&format!("{prefix}.{:04}", out.len())) {
@@ -126,7 +129,10 @@ pub(crate) fn load(dir: &Path, device: &Device) -> Result<Option<Checkpoint>> {
     let adam_v = group("adam_v");
     let best = Some(group("best")).filter(|b| !b.is_empty());
     if adam_m.len() != lora.len() || adam_v.len() != lora.len() {
-        return Err(checkpoint_err(&path, "adapter and optimizer tensors do not pair up"));
+        return Err(checkpoint_err(
+            &path,
+            "adapter and optimizer tensors do not pair up",
+        ));
     }
     Ok(Some(Checkpoint {
         state,
@@ -168,10 +174,18 @@ mod tests {
         save(dir.path(), &checkpoint).unwrap();
         let back = load(dir.path(), &Device::Cpu).unwrap().unwrap();
         assert_eq!(back.state, state);
-        assert_eq!(back.lora[1].to_vec1::<f32>().unwrap(), vec![2.0, 2.25, -2.0]);
-        assert_eq!(back.adam_v[0].to_vec1::<f32>().unwrap(), vec![5.0, 5.25, -5.0]);
+        assert_eq!(
+            back.lora[1].to_vec1::<f32>().unwrap(),
+            vec![2.0, 2.25, -2.0]
+        );
+        assert_eq!(
+            back.adam_v[0].to_vec1::<f32>().unwrap(),
+            vec![5.0, 5.25, -5.0]
+        );
         assert!(back.best.is_none());
         assert!(!dir.path().join(format!("{FILE_NAME}.tmp")).exists());
-        assert!(load(&dir.path().join("none"), &Device::Cpu).unwrap().is_none());
+        assert!(load(&dir.path().join("none"), &Device::Cpu)
+            .unwrap()
+            .is_none());
     }
 }

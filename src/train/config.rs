@@ -73,7 +73,10 @@ impl Objective {
             return Ok(());
         };
         if !(alpha.is_finite() && alpha >= 0.0) {
-            return Err(invalid("objective.alpha", format!("{alpha} must be finite and >= 0")));
+            return Err(invalid(
+                "objective.alpha",
+                format!("{alpha} must be finite and >= 0"),
+            ));
         }
         if !(delta.is_finite() && delta > -1.0 && delta < 1.0) {
             return Err(invalid(
@@ -220,22 +223,37 @@ impl TrainConfig {
 
         let lora = &self.lora;
         if lora.rank == 0 || lora.rank > 256 {
-            return Err(invalid("lora.rank", format!("{} must be in 1..=256", lora.rank)));
+            return Err(invalid(
+                "lora.rank",
+                format!("{} must be in 1..=256", lora.rank),
+            ));
         }
         if !(lora.alpha.is_finite() && lora.alpha > 0.0) {
-            return Err(invalid("lora.alpha", format!("{} must be finite and > 0", lora.alpha)));
+            return Err(invalid(
+                "lora.alpha",
+                format!("{} must be finite and > 0", lora.alpha),
+            ));
         }
         if !(lora.dropout >= 0.0 && lora.dropout < 1.0) {
-            return Err(invalid("lora.dropout", format!("{} must be in [0, 1)", lora.dropout)));
+            return Err(invalid(
+                "lora.dropout",
+                format!("{} must be in [0, 1)", lora.dropout),
+            ));
         }
         if lora.targets.is_empty() {
-            return Err(invalid("lora.targets", "name at least one projection, e.g. q,v".into()));
+            return Err(invalid(
+                "lora.targets",
+                "name at least one projection, e.g. q,v".into(),
+            ));
         }
         let mut targets = lora.targets.clone();
         targets.sort();
         targets.dedup();
         if targets.len() != lora.targets.len() {
-            return Err(invalid("lora.targets", "a projection is listed twice".into()));
+            return Err(invalid(
+                "lora.targets",
+                "a projection is listed twice".into(),
+            ));
         }
 
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
@@ -245,11 +263,17 @@ impl TrainConfig {
             ));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(invalid("weight_decay", format!("{} must be >= 0", self.weight_decay)));
+            return Err(invalid(
+                "weight_decay",
+                format!("{} must be >= 0", self.weight_decay),
+            ));
         }
         if let Some(norm) = self.max_grad_norm {
             if !(norm.is_finite() && norm > 0.0) {
-                return Err(invalid("max_grad_norm", format!("{norm} must be finite and > 0")));
+                return Err(invalid(
+                    "max_grad_norm",
+                    format!("{norm} must be finite and > 0"),
+                ));
             }
         }
         for (name, value) in [
@@ -263,13 +287,19 @@ impl TrainConfig {
         }
         if let Some(checkpoint) = &self.checkpoint {
             if checkpoint.every_steps == 0 {
-                return Err(invalid("checkpoint.every_steps", "must be at least 1".into()));
+                return Err(invalid(
+                    "checkpoint.every_steps",
+                    "must be at least 1".into(),
+                ));
             }
         }
         if self.memory_budget_bytes < 64 << 20 {
             return Err(invalid(
                 "memory_budget_bytes",
-                format!("{} bytes cannot hold a model; give at least 64 MiB", self.memory_budget_bytes),
+                format!(
+                    "{} bytes cannot hold a model; give at least 64 MiB",
+                    self.memory_budget_bytes
+                ),
             ));
         }
         Ok(())
@@ -290,7 +320,14 @@ mod tests {
         config.validate().unwrap();
         assert_eq!(config.lora.rank, 8);
         assert_eq!(config.lora.targets, vec![LoraTarget::Q, LoraTarget::V]);
-        let Objective::NextQuill { alpha, delta, lambda, epsilon, .. } = config.objective else {
+        let Objective::NextQuill {
+            alpha,
+            delta,
+            lambda,
+            epsilon,
+            ..
+        } = config.objective
+        else {
             panic!("default objective is not NextQuill");
         };
         assert_eq!((alpha, delta, lambda, epsilon), (0.1, 0.05, 0.9, 0.1));
@@ -301,27 +338,44 @@ mod tests {
         let mut config = TrainConfig::default();
         config.lora.targets = vec![LoraTarget::Q, LoraTarget::Q];
         let err = config.validate().unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument { name: "lora.targets", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::InvalidArgument {
+                    name: "lora.targets",
+                    ..
+                }
+            ),
+            "{err}"
+        );
 
         let mut config = TrainConfig::default();
         config.lora.dropout = 1.0;
         assert!(matches!(
             config.validate().unwrap_err(),
-            Error::InvalidArgument { name: "lora.dropout", .. }
+            Error::InvalidArgument {
+                name: "lora.dropout",
+                ..
+            }
         ));
 
-        let mut config = TrainConfig::default();
-        config.objective = Objective::NextQuill {
-            alpha: 0.1,
-            delta: 0.05,
-            lambda: 0.0,
-            epsilon: 0.1,
-            weights: WeightSource::Dynamic,
-            lp: LpReduction::Mean,
+        let config = TrainConfig {
+            objective: Objective::NextQuill {
+                alpha: 0.1,
+                delta: 0.05,
+                lambda: 0.0,
+                epsilon: 0.1,
+                weights: WeightSource::Dynamic,
+                lp: LpReduction::Mean,
+            },
+            ..TrainConfig::default()
         };
         assert!(matches!(
             config.validate().unwrap_err(),
-            Error::InvalidArgument { name: "objective.lambda", .. }
+            Error::InvalidArgument {
+                name: "objective.lambda",
+                ..
+            }
         ));
     }
 }

@@ -48,7 +48,9 @@ impl LoraSet {
                 let linear = model.linear(layer, target);
                 let (n_in, n_out) = (linear.n_in(), linear.n_out());
                 let bound = 1.0 / (n_in as f32).sqrt();
-                let a: Vec<f32> = (0..rank * n_in).map(|_| rng.random_range(-bound..bound)).collect();
+                let a: Vec<f32> = (0..rank * n_in)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
                 params.push(LoraParam {
                     layer,
                     target,
@@ -198,7 +200,13 @@ impl Dropout {
         }
         let keep = 1.0 / (1.0 - self.p);
         let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if self.rng.random::<f32>() < self.p { 0.0 } else { keep })
+            .map(|_| {
+                if self.rng.random::<f32>() < self.p {
+                    0.0
+                } else {
+                    keep
+                }
+            })
             .collect();
         x * Tensor::from_vec(mask, x.shape(), x.device())?
     }

@@ -44,8 +44,15 @@ pub fn nextquill_weights(
         });
     }
 
-    let is_high: Vec<bool> = p_with.iter().zip(p_without).map(|(a, b)| a - b > delta).collect();
-    let raw: Vec<f64> = is_high.iter().map(|&h| if h { lambda } else { epsilon } as f64).collect();
+    let is_high: Vec<bool> = p_with
+        .iter()
+        .zip(p_without)
+        .map(|(a, b)| a - b > delta)
+        .collect();
+    let raw: Vec<f64> = is_high
+        .iter()
+        .map(|&h| if h { lambda } else { epsilon } as f64)
+        .collect();
     let total: f64 = raw.iter().sum();
     let weights = raw.iter().map(|w| (w / total) as f32).collect();
     Ok((weights, is_high))
@@ -61,8 +68,10 @@ pub(crate) struct NextQuillParams {
     pub(crate) lp: LpReduction,
 }
 
-/// The parts of one example's NextQuill loss.
+/// The parts of one example's NextQuill loss. The trainer steps on `loss`;
+/// the other parts are what the reference-vector tests check.
 #[derive(Debug)]
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) struct NextQuillTerms {
     /// `L_n + alpha L_p`, a scalar with a graph.
     pub(crate) loss: Tensor,
@@ -77,12 +86,18 @@ pub(crate) struct NextQuillTerms {
 }
 
 /// Cross-entropy of every row; `None` labels are ignored rows.
-pub(crate) fn cross_entropy_rows(logits: &Tensor, labels: &[Option<u32>]) -> candle_core::Result<Tensor> {
+pub(crate) fn cross_entropy_rows(
+    logits: &Tensor,
+    labels: &[Option<u32>],
+) -> candle_core::Result<Tensor> {
     RowCrossEntropy::new(labels).forward(logits)
 }
 
 /// Probability of each row's label under `logits`, without a graph (0 at ignored rows).
-pub(crate) fn label_probabilities(logits: &Tensor, labels: &[Option<u32>]) -> candle_core::Result<Vec<f32>> {
+pub(crate) fn label_probabilities(
+    logits: &Tensor,
+    labels: &[Option<u32>],
+) -> candle_core::Result<Vec<f32>> {
     let ce = cross_entropy_rows(&logits.detach(), labels)?.to_vec1::<f32>()?;
     Ok(ce
         .iter()
@@ -137,7 +152,11 @@ pub(crate) fn nextquill_loss(
         if fixed.len() != labels.len() {
             return Err(Error::InvalidArgument {
                 name: "fixed_weights",
-                reason: format!("{} weights for {} response tokens", fixed.len(), labels.len()),
+                reason: format!(
+                    "{} weights for {} response tokens",
+                    fixed.len(),
+                    labels.len()
+                ),
             });
         }
         let total: f64 = valid.iter().map(|&t| fixed[t] as f64).sum();
@@ -206,12 +225,22 @@ mod tests {
         v.as_array()
             .unwrap()
             .iter()
-            .map(|row| row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+            .map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
             .collect()
     }
 
     fn numbers(v: &Value) -> Vec<f64> {
-        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
     }
 
     fn var(m: &[Vec<f64>]) -> Var {
@@ -222,7 +251,10 @@ mod tests {
     fn assert_close(what: &str, case: &str, got: &[f32], want: &[f64], tol: f64) {
         assert_eq!(got.len(), want.len(), "{case}: {what} length");
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!((*g as f64 - w).abs() <= tol, "{case}: {what}[{i}] = {g}, expected {w}");
+            assert!(
+                (*g as f64 - w).abs() <= tol,
+                "{case}: {what}[{i}] = {g}, expected {w}"
+            );
         }
     }
 
@@ -255,23 +287,69 @@ mod tests {
                 .collect();
 
             let terms = nextquill_loss(&a, &b, &labels, None, nq).unwrap();
-            assert_close("weights", name, &terms.weights, &numbers(&case["weights"]), 1e-6);
-            let want_high: Vec<bool> =
-                case["is_high"].as_array().unwrap().iter().map(|h| h.as_bool().unwrap()).collect();
+            assert_close(
+                "weights",
+                name,
+                &terms.weights,
+                &numbers(&case["weights"]),
+                1e-6,
+            );
+            let want_high: Vec<bool> = case["is_high"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| h.as_bool().unwrap())
+                .collect();
             assert_eq!(terms.is_high, want_high, "{name}: is_high");
-            assert_close("L_n", name, &[scalar(&terms.l_n)], &[case["L_n"].as_f64().unwrap()], 1e-6);
-            assert_close("L_p", name, &[scalar(&terms.l_p)], &[case["L_p"].as_f64().unwrap()], 1e-6);
-            assert_close("loss", name, &[scalar(&terms.loss)], &[case["loss"].as_f64().unwrap()], 1e-6);
+            assert_close(
+                "L_n",
+                name,
+                &[scalar(&terms.l_n)],
+                &[case["L_n"].as_f64().unwrap()],
+                1e-6,
+            );
+            assert_close(
+                "L_p",
+                name,
+                &[scalar(&terms.l_p)],
+                &[case["L_p"].as_f64().unwrap()],
+                1e-6,
+            );
+            assert_close(
+                "loss",
+                name,
+                &[scalar(&terms.loss)],
+                &[case["loss"].as_f64().unwrap()],
+                1e-6,
+            );
 
             let grads = terms.loss.backward().unwrap();
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let want_a: Vec<f64> = matrix(&case["grad_loss_wrt_logits_a"]).concat();
             let want_b: Vec<f64> = matrix(&case["grad_loss_wrt_logits_b"]).concat();
-            assert_close("dloss/da", name, &flat(grads.get(&a).unwrap()), &want_a, 1e-6);
-            assert_close("dloss/db", name, &flat(grads.get(&b).unwrap()), &want_b, 1e-6);
+            assert_close(
+                "dloss/da",
+                name,
+                &flat(grads.get(&a).unwrap()),
+                &want_a,
+                1e-6,
+            );
+            assert_close(
+                "dloss/db",
+                name,
+                &flat(grads.get(&b).unwrap()),
+                &want_b,
+                1e-6,
+            );
 
             let sft = sft_loss(&a, &labels).unwrap();
-            assert_close("sft_loss", name, &[scalar(&sft)], &[case["sft_loss"].as_f64().unwrap()], 1e-6);
+            assert_close(
+                "sft_loss",
+                name,
+                &[scalar(&sft)],
+                &[case["sft_loss"].as_f64().unwrap()],
+                1e-6,
+            );
             let grads = sft.backward().unwrap();
             let want: Vec<f64> = matrix(&case["grad_sft_wrt_logits_a"]).concat();
             assert_close("dsft/da", name, &flat(grads.get(&a).unwrap()), &want, 1e-6);
@@ -280,9 +358,16 @@ mod tests {
 
     #[test]
     fn weights_follow_the_strict_threshold_and_sum_to_one() {
-        let (w, high) = nextquill_weights(&[0.5, 0.28, 0.2], &[0.1, 0.25, 0.3], 0.05, 0.9, 0.1).unwrap();
+        let (w, high) =
+            nextquill_weights(&[0.5, 0.28, 0.2], &[0.1, 0.25, 0.3], 0.05, 0.9, 0.1).unwrap();
         assert_eq!(high, vec![true, false, false]);
-        assert_close("weights", "tiny", &w, &[0.9 / 1.1, 0.1 / 1.1, 0.1 / 1.1], 1e-7);
+        assert_close(
+            "weights",
+            "tiny",
+            &w,
+            &[0.9 / 1.1, 0.1 / 1.1, 0.1 / 1.1],
+            1e-7,
+        );
         assert!(nextquill_weights(&[0.1], &[], 0.05, 0.9, 0.1).is_err());
     }
 

@@ -95,7 +95,8 @@ impl BaseModel {
             });
         }
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = Content::read(&mut file).map_err(|e| invalid(format!("cannot read GGUF: {e}")))?;
+        let content =
+            Content::read(&mut file).map_err(|e| invalid(format!("cannot read GGUF: {e}")))?;
 
         let dims = read_dims(&content).map_err(invalid)?;
         let mut resident_bytes = 0u64;
@@ -107,7 +108,8 @@ impl BaseModel {
             Ok::<_, Error>(q)
         };
         let dense = |q: QTensor, name: &str| -> Result<Tensor> {
-            q.dequantize(device).map_err(|e| invalid(format!("tensor {name}: {e}")))
+            q.dequantize(device)
+                .map_err(|e| invalid(format!("tensor {name}: {e}")))
         };
         macro_rules! dense {
             ($name:expr) => {{
@@ -160,7 +162,8 @@ impl BaseModel {
         } else {
             FrozenWeight::Dense(embedding.clone())
         };
-        let lm_head = FrozenLinear::new(lm_head).map_err(|e| invalid(format!("output head: {e}")))?;
+        let lm_head =
+            FrozenLinear::new(lm_head).map_err(|e| invalid(format!("output head: {e}")))?;
         resident_bytes += (embedding.elem_count() * 4) as u64;
 
         let model = BaseModel {
@@ -199,7 +202,11 @@ impl BaseModel {
             }
         }
         if (self.lm_head.n_out(), self.lm_head.n_in()) != (d.n_vocab, d.n_embd) {
-            return Err(format!("output head is {}x{}", self.lm_head.n_out(), self.lm_head.n_in()));
+            return Err(format!(
+                "output head is {}x{}",
+                self.lm_head.n_out(),
+                self.lm_head.n_in()
+            ));
         }
         Ok(())
     }
@@ -234,7 +241,10 @@ impl BaseModel {
             candle_core::bail!("no rows to score: first row {first_row} of {t} tokens")
         }
         if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.dims.n_vocab) {
-            candle_core::bail!("token id {bad} is outside the vocabulary of {}", self.dims.n_vocab)
+            candle_core::bail!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.dims.n_vocab
+            )
         }
         let device = self.embedding.device();
         let ids = Tensor::from_slice(tokens, t, device)?;
@@ -285,7 +295,8 @@ impl BaseModel {
         let q = with_bias(project(LoraTarget::Q, &h)?, &b.q_bias)?;
         let k = with_bias(project(LoraTarget::K, &h)?, &b.k_bias)?;
         let v = with_bias(project(LoraTarget::V, &h)?, &b.v_bias)?;
-        let heads = |y: Tensor, n: usize| y.reshape((t, n, d.head_dim))?.transpose(0, 1)?.contiguous();
+        let heads =
+            |y: Tensor, n: usize| y.reshape((t, n, d.head_dim))?.transpose(0, 1)?.contiguous();
         let q = rope(&heads(q, d.n_head)?, cos, sin, d.arch)?;
         let k = rope(&heads(k, d.n_head_kv)?, cos, sin, d.arch)?;
         let v = heads(v, d.n_head_kv)?;
@@ -356,8 +367,14 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, arch: Arch) -> candle_core::Resu
 
 fn read_dims(content: &Content) -> std::result::Result<ModelDims, String> {
     let meta = &content.metadata;
-    let get = |key: &str| meta.get(key).ok_or_else(|| format!("metadata {key} is missing"));
-    let arch_name = get("general.architecture")?.to_string().map_err(|e| e.to_string())?.clone();
+    let get = |key: &str| {
+        meta.get(key)
+            .ok_or_else(|| format!("metadata {key} is missing"))
+    };
+    let arch_name = get("general.architecture")?
+        .to_string()
+        .map_err(|e| e.to_string())?
+        .clone();
     let arch = match arch_name.as_str() {
         "llama" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
@@ -455,19 +472,53 @@ pub(crate) mod tiny {
             let t = random(shape, 0.5 / (shape[1] as f32).sqrt() * 3.0);
             tensors.push((name, QTensor::quantize(&t, dtype).unwrap()));
         };
-        matrix("token_embd.weight".into(), &[N_VOCAB, N_EMBD], GgmlDType::Q4_1);
+        matrix(
+            "token_embd.weight".into(),
+            &[N_VOCAB, N_EMBD],
+            GgmlDType::Q4_1,
+        );
         for i in 0..N_LAYER {
-            matrix(format!("blk.{i}.attn_q.weight"), &[N_EMBD, N_EMBD], GgmlDType::Q4_1);
-            matrix(format!("blk.{i}.attn_k.weight"), &[N_HEAD_KV * head_dim, N_EMBD], GgmlDType::Q4_1);
-            matrix(format!("blk.{i}.attn_v.weight"), &[N_HEAD_KV * head_dim, N_EMBD], GgmlDType::Q4_1);
-            matrix(format!("blk.{i}.attn_output.weight"), &[N_EMBD, N_EMBD], GgmlDType::Q4_1);
-            matrix(format!("blk.{i}.ffn_gate.weight"), &[N_FF, N_EMBD], GgmlDType::Q4_1);
-            matrix(format!("blk.{i}.ffn_up.weight"), &[N_FF, N_EMBD], GgmlDType::Q4_1);
+            matrix(
+                format!("blk.{i}.attn_q.weight"),
+                &[N_EMBD, N_EMBD],
+                GgmlDType::Q4_1,
+            );
+            matrix(
+                format!("blk.{i}.attn_k.weight"),
+                &[N_HEAD_KV * head_dim, N_EMBD],
+                GgmlDType::Q4_1,
+            );
+            matrix(
+                format!("blk.{i}.attn_v.weight"),
+                &[N_HEAD_KV * head_dim, N_EMBD],
+                GgmlDType::Q4_1,
+            );
+            matrix(
+                format!("blk.{i}.attn_output.weight"),
+                &[N_EMBD, N_EMBD],
+                GgmlDType::Q4_1,
+            );
+            matrix(
+                format!("blk.{i}.ffn_gate.weight"),
+                &[N_FF, N_EMBD],
+                GgmlDType::Q4_1,
+            );
+            matrix(
+                format!("blk.{i}.ffn_up.weight"),
+                &[N_FF, N_EMBD],
+                GgmlDType::Q4_1,
+            );
             // ffn_down's rows are N_FF = 96 wide: a multiple of Q4_1's block of 32.
-            matrix(format!("blk.{i}.ffn_down.weight"), &[N_EMBD, N_FF], GgmlDType::Q4_1);
+            matrix(
+                format!("blk.{i}.ffn_down.weight"),
+                &[N_EMBD, N_FF],
+                GgmlDType::Q4_1,
+            );
         }
         let mut vector = |name: String, len: usize, center: f32, spread: f32| {
-            let v: Vec<f32> = (0..len).map(|_| center + rng.random_range(-spread..spread)).collect();
+            let v: Vec<f32> = (0..len)
+                .map(|_| center + rng.random_range(-spread..spread))
+                .collect();
             let t = Tensor::from_vec(v, len, &Device::Cpu).unwrap();
             tensors.push((name, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
         };
@@ -478,8 +529,18 @@ pub(crate) mod tiny {
             vector(format!("blk.{i}.ffn_norm.weight"), N_EMBD, 1.0, 0.2);
             if arch == Arch::Qwen2 {
                 vector(format!("blk.{i}.attn_q.bias"), N_EMBD, 0.0, 0.3);
-                vector(format!("blk.{i}.attn_k.bias"), N_HEAD_KV * head_dim, 0.0, 0.3);
-                vector(format!("blk.{i}.attn_v.bias"), N_HEAD_KV * head_dim, 0.0, 0.3);
+                vector(
+                    format!("blk.{i}.attn_k.bias"),
+                    N_HEAD_KV * head_dim,
+                    0.0,
+                    0.3,
+                );
+                vector(
+                    format!("blk.{i}.attn_v.bias"),
+                    N_HEAD_KV * head_dim,
+                    0.0,
+                    0.3,
+                );
             }
         }
 
@@ -510,6 +571,9 @@ mod tests {
     use super::tiny::*;
     use super::*;
 
+    /// Reads a tensor by name: its values and its shape.
+    type TensorGetter<'a> = dyn FnMut(&str) -> (Vec<f32>, Vec<usize>) + 'a;
+
     /// A direct, loop-by-loop f32 decoder over dequantized weights, written
     /// independently of the tensor code above: the reference for parity.
     fn reference_logits(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
@@ -519,7 +583,10 @@ mod tests {
         let mut get = |name: &str| -> (Vec<f32>, Vec<usize>) {
             let t = content.tensor(&mut file, name, &Device::Cpu).unwrap();
             let t = t.dequantize(&Device::Cpu).unwrap();
-            (t.flatten_all().unwrap().to_vec1().unwrap(), t.dims().to_vec())
+            (
+                t.flatten_all().unwrap().to_vec1().unwrap(),
+                t.dims().to_vec(),
+            )
         };
         let matvec = |(w, shape): &(Vec<f32>, Vec<usize>), x: &[f32]| -> Vec<f32> {
             (0..shape[0])
@@ -562,7 +629,7 @@ mod tests {
             let wg = get(&format!("blk.{l}.ffn_gate.weight"));
             let wu = get(&format!("blk.{l}.ffn_up.weight"));
             let wd = get(&format!("blk.{l}.ffn_down.weight"));
-            let bias = |name: &str, len: usize, get: &mut dyn FnMut(&str) -> (Vec<f32>, Vec<usize>)| {
+            let bias = |name: &str, len: usize, get: &mut TensorGetter<'_>| {
                 if dims.arch == Arch::Qwen2 {
                     get(&format!("blk.{l}.{name}.bias")).0
                 } else {
@@ -578,7 +645,9 @@ mod tests {
             let mut vs = Vec::new();
             for (pos, x) in xs.iter().enumerate() {
                 let h = norm(x, &attn_norm);
-                let add = |y: Vec<f32>, b: &[f32]| y.iter().zip(b).map(|(y, b)| y + b).collect::<Vec<_>>();
+                let add = |y: Vec<f32>, b: &[f32]| {
+                    y.iter().zip(b).map(|(y, b)| y + b).collect::<Vec<_>>()
+                };
                 let mut q = add(matvec(&wq, &h), &bq);
                 let mut k = add(matvec(&wk, &h), &bk);
                 for head in q.chunks_mut(hd) {
@@ -617,14 +686,20 @@ mod tests {
                 let h = norm(&xs[pos], &ffn_norm);
                 let g = matvec(&wg, &h);
                 let u = matvec(&wu, &h);
-                let act: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+                let act: Vec<f32> = g
+                    .iter()
+                    .zip(&u)
+                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                    .collect();
                 let down = matvec(&wd, &act);
                 xs[pos].iter_mut().zip(&down).for_each(|(x, d)| *x += d);
             }
         }
         let out_norm = get("output_norm.weight").0;
         let head = (emb, emb_shape);
-        xs.iter().map(|x| matvec(&head, &norm(x, &out_norm))).collect()
+        xs.iter()
+            .map(|x| matvec(&head, &norm(x, &out_norm)))
+            .collect()
     }
 
     fn parity(arch: Arch) {
@@ -661,7 +736,12 @@ mod tests {
         let path = dir.path().join("gpt.gguf");
         let arch = Value::String("gpt2".into());
         let mut file = File::create(&path).unwrap();
-        candle_core::quantized::gguf_file::write(&mut file, &[("general.architecture", &arch)], &[]).unwrap();
+        candle_core::quantized::gguf_file::write(
+            &mut file,
+            &[("general.architecture", &arch)],
+            &[],
+        )
+        .unwrap();
         let err = BaseModel::load(&path, &Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("gpt2"), "{err}");
     }

@@ -9,8 +9,8 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
 use candle_core::backend::BackendStorage;
+use candle_core::quantized::QTensor;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -106,11 +106,18 @@ impl CustomOp1 for FrozenLinear {
         "frozen-linear"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout, self.name())?;
         let dims = layout.dims();
         if dims.last() != Some(&self.n_in) {
-            bail!("frozen-linear expects input width {}, got shape {dims:?}", self.n_in)
+            bail!(
+                "frozen-linear expects input width {}, got shape {dims:?}",
+                self.n_in
+            )
         }
         let rows = x.len() / self.n_in;
 
@@ -120,10 +127,18 @@ impl CustomOp1 for FrozenLinear {
 
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("checked non-empty above") = self.n_out;
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), Shape::from(out_dims)))
+        Ok((
+            CpuStorage::F32(y.flatten_all()?.to_vec1()?),
+            Shape::from(out_dims),
+        ))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let rows = arg.elem_count() / self.n_in;
         let w = self.weight.to_f32(grad_res.device())?;
         let grad = grad_res.reshape((rows, self.n_out))?.matmul(&w)?;
@@ -151,11 +166,23 @@ impl CausalSoftmax {
         }
         let (_, rows, q_len) = scores.dims3()?;
         let mask: Vec<f32> = (0..rows)
-            .flat_map(|r| (0..q_len).map(move |k| if k <= r % q_len { 0.0 } else { f32::NEG_INFINITY }))
+            .flat_map(|r| {
+                (0..q_len).map(move |k| {
+                    if k <= r % q_len {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (rows, q_len), scores.device())?;
-        let z = scores.affine(self.scale as f64, 0.0)?.broadcast_add(&mask)?;
-        let z = z.broadcast_sub(&z.max_keepdim(D::Minus1)?.detach())?.exp()?;
+        let z = scores
+            .affine(self.scale as f64, 0.0)?
+            .broadcast_add(&mask)?;
+        let z = z
+            .broadcast_sub(&z.max_keepdim(D::Minus1)?.detach())?
+            .exp()?;
         z.broadcast_div(&z.sum_keepdim(D::Minus1)?)
     }
 }
@@ -165,7 +192,11 @@ impl CustomOp1 for CausalSoftmax {
         "causal-softmax"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let scores = contiguous_f32(storage, layout, self.name())?;
         let (_, rows, q_len) = layout.shape().dims3()?;
         if rows % q_len != 0 {
@@ -177,7 +208,9 @@ impl CustomOp1 for CausalSoftmax {
             .enumerate()
             .for_each(|(row, (y, s))| {
                 let visible = row % q_len + 1;
-                let max = s[..visible].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * self.scale));
+                let max = s[..visible]
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v * self.scale));
                 let mut sum = 0f32;
                 for (y, &s) in y[..visible].iter_mut().zip(&s[..visible]) {
                     *y = (s * self.scale - max).exp();
@@ -189,7 +222,12 @@ impl CustomOp1 for CausalSoftmax {
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let y = res.flatten_all()?.to_vec1::<f32>()?;
         let g = grad_res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let q_len = res.dim(D::Minus1)?;
@@ -228,7 +266,10 @@ impl RowCrossEntropy {
     pub(crate) fn forward(&self, logits: &Tensor) -> candle_core::Result<Tensor> {
         let (rows, vocab) = logits.dims2()?;
         if rows != self.labels.len() {
-            bail!("cross-entropy got {rows} rows of logits for {} labels", self.labels.len())
+            bail!(
+                "cross-entropy got {rows} rows of logits for {} labels",
+                self.labels.len()
+            )
         }
         if let Some(bad) = self.labels.iter().flatten().find(|&&y| y as usize >= vocab) {
             bail!("label {bad} is outside the vocabulary of {vocab} tokens")
@@ -253,7 +294,11 @@ impl CustomOp1 for RowCrossEntropy {
         "row-cross-entropy"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let logits = contiguous_f32(storage, layout, self.name())?;
         let (rows, vocab) = layout.shape().dims2()?;
         let ce: Vec<f32> = logits
@@ -267,7 +312,12 @@ impl CustomOp1 for RowCrossEntropy {
         Ok((CpuStorage::F32(ce), Shape::from(rows)))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let (_, vocab) = arg.dims2()?;
         let logits = arg.flatten_all()?.to_vec1::<f32>()?;
         let g = grad_res.to_dtype(DType::F32)?.to_vec1::<f32>()?;
@@ -301,12 +351,23 @@ mod tests {
     use candle_core::Var;
 
     fn ramp(n: usize, shape: impl Into<Shape>) -> Tensor {
-        let v: Vec<f32> = (0..n).map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
@@ -325,29 +386,66 @@ mod tests {
         let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let g_ref = y_ref.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let (gx, gx_ref) = (g.get(&x).unwrap(), g_ref.get(&x).unwrap());
-        let scale = gx_ref.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(max_abs_diff(gx, gx_ref) < 1e-5 * scale, "input gradients differ");
+        let scale = gx_ref
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            max_abs_diff(gx, gx_ref) < 1e-5 * scale,
+            "input gradients differ"
+        );
     }
 
     #[test]
     fn causal_softmax_matches_the_basic_op_composition() {
         let (groups, rep, q_len) = (2, 3, 5);
-        let scores = Var::from_tensor(&ramp(groups * rep * q_len * q_len, (groups, rep * q_len, q_len))).unwrap();
+        let scores = Var::from_tensor(&ramp(
+            groups * rep * q_len * q_len,
+            (groups, rep * q_len, q_len),
+        ))
+        .unwrap();
         let op = CausalSoftmax { scale: 0.7 };
         let y = op.forward(&scores).unwrap();
 
         let mask: Vec<f32> = (0..rep * q_len)
-            .flat_map(|r| (0..q_len).map(move |k| if k <= r % q_len { 0.0 } else { f32::NEG_INFINITY }))
+            .flat_map(|r| {
+                (0..q_len).map(move |k| {
+                    if k <= r % q_len {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (rep * q_len, q_len), &Device::Cpu).unwrap();
-        let z = scores.affine(0.7, 0.0).unwrap().broadcast_add(&mask).unwrap();
+        let z = scores
+            .affine(0.7, 0.0)
+            .unwrap()
+            .broadcast_add(&mask)
+            .unwrap();
         let z = z.exp().unwrap();
         let y_ref = z.broadcast_div(&z.sum_keepdim(D::Minus1).unwrap()).unwrap();
         assert!(max_abs_diff(&y, &y_ref) < 1e-6);
 
         let weights = ramp(y.elem_count(), y.shape());
-        let g = (&y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = (&y_ref * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = (&y * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_ref = (&y_ref * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         assert!(max_abs_diff(g.get(&scores).unwrap(), g_ref.get(&scores).unwrap()) < 1e-6);
     }
 }
