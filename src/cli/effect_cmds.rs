@@ -80,12 +80,18 @@ pub fn profile(cli: &Cli, args: &ProfileArgs) -> Result<()> {
     );
     println!("words the history makes them use (mean Δp, count):");
     for entry in &profile.words {
-        println!("  {:+.3}  {:>4}  {}", entry.mean_delta_p, entry.count, entry.text);
+        println!(
+            "  {:+.3}  {:>4}  {}",
+            entry.mean_delta_p, entry.count, entry.text
+        );
     }
     if !profile.phrases.is_empty() {
         println!("phrases:");
         for entry in &profile.phrases {
-            println!("  {:+.3}  {:>4}  {}", entry.mean_delta_p, entry.count, entry.text);
+            println!(
+                "  {:+.3}  {:>4}  {}",
+                entry.mean_delta_p, entry.count, entry.text
+            );
         }
     }
     Ok(())

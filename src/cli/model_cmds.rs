@@ -80,12 +80,18 @@ pub fn generate(cli: &Cli, args: &GenerateArgs) -> Result<()> {
             }
         );
         let mut stdout = std::io::stdout().lock();
-        let generation = engine.generate(Some(user), prompt.trim(), &options(args), &mut |piece| {
-            match stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()) {
+        let generation = engine.generate(
+            Some(user),
+            prompt.trim(),
+            &options(args),
+            &mut |piece| match stdout
+                .write_all(piece.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()),
-            }
-        })?;
+            },
+        )?;
         let _ = writeln!(stdout);
         print_stats(&generation);
         return Ok(());
@@ -101,7 +107,10 @@ pub fn generate(cli: &Cli, args: &GenerateArgs) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     let generation = session.generate(&tokens, &options, &mut |piece| {
         // A closed pipe (`| head`) ends the generation instead of failing it.
-        match stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()) {
+        match stdout
+            .write_all(piece.as_bytes())
+            .and_then(|()| stdout.flush())
+        {
             Ok(()) => ControlFlow::Continue(()),
             Err(_) => ControlFlow::Break(()),
         }

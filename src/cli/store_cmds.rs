@@ -105,7 +105,10 @@ pub fn users(cli: &Cli) -> Result<()> {
     let store = open_store(cli)?;
     let users = store.users()?;
     if users.is_empty() {
-        println!("no users in {}; add some with `nextquill import FILE`", cli.db_path().display());
+        println!(
+            "no users in {}; add some with `nextquill import FILE`",
+            cli.db_path().display()
+        );
     }
     for user in users {
         println!(
@@ -127,7 +130,12 @@ pub fn history(cli: &Cli, args: &UserArgs) -> Result<()> {
         });
     }
     for item in items {
-        println!("{}\t{}\t{}", item.item_id, item.timestamp, one_line(&item.request, 60));
+        println!(
+            "{}\t{}\t{}",
+            item.item_id,
+            item.timestamp,
+            one_line(&item.request, 60)
+        );
         println!("    {}", one_line(&item.text, 100));
     }
     Ok(())
@@ -147,7 +155,8 @@ pub fn export(cli: &Cli, args: &ExportArgs) -> Result<()> {
     let count = match &args.out {
         Some(path) => {
             let mut file = std::io::BufWriter::new(
-                std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+                std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?,
             );
             let n = store.export_user(&args.user, &mut file)?;
             file.flush()?;
@@ -179,9 +188,14 @@ pub fn forget(cli: &Cli, args: &UserArgs) -> Result<()> {
         match &file.disposal {
             FileDisposal::Deleted | FileDisposal::AlreadyGone => {}
             FileDisposal::LeftForCaller => {
-                println!("  {} is outside the managed folder: delete it yourself", file.path.display())
+                println!(
+                    "  {} is outside the managed folder: delete it yourself",
+                    file.path.display()
+                )
             }
-            FileDisposal::DeleteFailed(e) => println!("  could not delete {}: {e}", file.path.display()),
+            FileDisposal::DeleteFailed(e) => {
+                println!("  could not delete {}: {e}", file.path.display())
+            }
         }
     }
     Ok(())
