@@ -128,7 +128,9 @@ fn runtime(c: &mut Criterion) {
                 .unwrap()
         })
     });
-    group.bench_function("bare_llama_cpp", |b| b.iter(|| bare.prompt(&mut ctx, &prompt)));
+    group.bench_function("bare_llama_cpp", |b| {
+        b.iter(|| bare.prompt(&mut ctx, &prompt))
+    });
     group.finish();
 
     let greedy = GenerateOptions {
@@ -138,7 +140,11 @@ fn runtime(c: &mut Criterion) {
     let check = session
         .generate(&short_prompt, &greedy, &mut |_| ControlFlow::Continue(()))
         .unwrap();
-    assert_eq!(check.tokens.len(), NEW_TOKENS, "the counting prompt must not stop early");
+    assert_eq!(
+        check.tokens.len(),
+        NEW_TOKENS,
+        "the counting prompt must not stop early"
+    );
 
     let mut group = c.benchmark_group("generate_64");
     group.throughput(Throughput::Elements(NEW_TOKENS as u64));
@@ -167,7 +173,11 @@ fn runtime(c: &mut Criterion) {
     let mut group = c.benchmark_group("score_two_300");
     group.throughput(Throughput::Elements(2 * (PROMPT_TOKENS + 40) as u64));
     group.bench_function(BenchmarkId::new("joint_batch", "separate_layout"), |b| {
-        b.iter(|| session.score(&[&first, &second], &response, &separate).unwrap())
+        b.iter(|| {
+            session
+                .score(&[&first, &second], &response, &separate)
+                .unwrap()
+        })
     });
     group.bench_function(BenchmarkId::new("two_passes", "separate_layout"), |b| {
         b.iter(|| {

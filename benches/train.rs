@@ -15,12 +15,16 @@ const PEAK_ENV: &str = "NEXTQUILL_BENCH_PEAK";
 fn model_path() -> PathBuf {
     std::env::var_os("NEXTQUILL_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
 }
 
 /// Token ids in the ordinary-word range of the vocabulary; speed does not depend on which.
 fn ids(n: usize, offset: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| 300 + (i * 7919 + offset) % 40_000).collect()
+    (0..n as u32)
+        .map(|i| 300 + (i * 7919 + offset) % 40_000)
+        .collect()
 }
 
 fn example() -> TrainExample {
@@ -44,7 +48,11 @@ fn trainer(objective: Objective) -> Trainer {
 }
 
 fn one_step(trainer: &Trainer, example: &TrainExample) {
-    let outcome = trainer.train(std::slice::from_ref(example), &[], &mut |_| Control::Continue).unwrap();
+    let outcome = trainer
+        .train(std::slice::from_ref(example), &[], &mut |_| {
+            Control::Continue
+        })
+        .unwrap();
     assert_eq!(outcome.summary.steps, 1);
 }
 

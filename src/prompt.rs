@@ -157,7 +157,12 @@ fn history_section(newest_first: &[String]) -> String {
 
 fn format_past(past: &PastText<'_>, max_words: Option<usize>) -> String {
     let text = match max_words {
-        Some(n) => past.text.split_whitespace().take(n).collect::<Vec<_>>().join(" "),
+        Some(n) => past
+            .text
+            .split_whitespace()
+            .take(n)
+            .collect::<Vec<_>>()
+            .join(" "),
         None => past.text.trim().to_owned(),
     };
     format!("{}\nText: {}", one_line(past.request), text)
@@ -174,13 +179,20 @@ fn one_line(text: &str) -> String {
 /// Renders and tokenizes the whole prompt. Only the template's own markers
 /// become control tokens: the user's words are tokenized as plain text, so a
 /// past text that spells `<|im_end|>` cannot end the turn.
-fn render(model: &Model, config: &PromptConfig, history: &str, request: &str) -> Result<Vec<TokenId>> {
+fn render(
+    model: &Model,
+    config: &PromptConfig,
+    history: &str,
+    request: &str,
+) -> Result<Vec<TokenId>> {
     const SLOT: &str = "\u{1}NEXTQUILL_CONTENT\u{1}";
     let template = model.render_chat(&[(Role::User, SLOT)], true)?;
-    let (before, after) = template.split_once(SLOT).ok_or_else(|| Error::InvalidModel {
-        path: model.info().path.clone(),
-        reason: "its chat template drops the user message".into(),
-    })?;
+    let (before, after) = template
+        .split_once(SLOT)
+        .ok_or_else(|| Error::InvalidModel {
+            path: model.info().path.clone(),
+            reason: "its chat template drops the user message".into(),
+        })?;
     let content = format!(
         "{}\n\nThe user's past texts:\n{history}\n\nRequest:\n{}\n\nWrite the user's text.",
         config.instruction,

@@ -13,7 +13,10 @@ use llama_cpp_2::model::LlamaModel;
 use nextquill::train::{Control, Objective, Progress, TrainConfig, TrainExample, Trainer};
 use serde_json::Value;
 
-const HF_LOGITS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/hf_logits.json");
+const HF_LOGITS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/vectors/hf_logits.json"
+);
 const USERS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../shared/data/amazon-reviews/users.jsonl"
@@ -22,7 +25,9 @@ const USERS: &str = concat!(
 fn model_path() -> PathBuf {
     std::env::var_os("NEXTQUILL_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
 }
 
 /// llama.cpp's tokenizer, from a vocab-only load (the backend may start once a process).
@@ -49,7 +54,8 @@ fn tokenize(text: &str) -> Vec<u32> {
 
 #[test]
 fn f32_forward_reproduces_the_reference_logits() {
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(HF_LOGITS).unwrap()).unwrap();
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(HF_LOGITS).unwrap()).unwrap();
     let ids: Vec<u32> = reference["token_ids"]
         .as_array()
         .unwrap()
@@ -64,10 +70,19 @@ fn f32_forward_reproduces_the_reference_logits() {
     let argmax = reference["argmax_ids"].as_array().unwrap();
     let top5 = reference["top5"].as_array().unwrap();
     for (position, row) in logits.iter().enumerate() {
-        let best = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
-        assert_eq!(best as u64, argmax[position].as_u64().unwrap(), "argmax at position {position}");
+        let best = (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap();
+        assert_eq!(
+            best as u64,
+            argmax[position].as_u64().unwrap(),
+            "argmax at position {position}"
+        );
         for entry in top5[position].as_array().unwrap() {
-            let (id, want) = (entry[0].as_u64().unwrap() as usize, entry[1].as_f64().unwrap());
+            let (id, want) = (
+                entry[0].as_u64().unwrap() as usize,
+                entry[1].as_f64().unwrap(),
+            );
             max_delta = max_delta.max((row[id] as f64 - want).abs());
         }
     }
@@ -101,7 +116,10 @@ fn real_user(n: usize) -> Vec<(String, String)> {
 }
 
 fn first_words(text: &str, n: usize) -> String {
-    text.split_whitespace().take(n).collect::<Vec<_>>().join(" ")
+    text.split_whitespace()
+        .take(n)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// ChatML prompts built simply for the test: with up to 3 older reviews, and with `None`.
@@ -130,7 +148,9 @@ fn example(items: &[(String, String)], index: usize) -> TrainExample {
 fn nextquill_loss_falls_over_twenty_steps_on_a_real_user() {
     let items = real_user(5);
     let examples: Vec<TrainExample> = (1..5).map(|i| example(&items, i)).collect();
-    assert!(examples.iter().all(|e| e.with_history.len() > e.counterfactual.len()));
+    assert!(examples
+        .iter()
+        .all(|e| e.with_history.len() > e.counterfactual.len()));
 
     let config = TrainConfig {
         objective: Objective::nextquill(),
@@ -153,5 +173,8 @@ fn nextquill_loss_falls_over_twenty_steps_on_a_real_user() {
     assert_eq!(outcome.summary.skipped_non_finite, 0);
     let first: f32 = losses[..4].iter().sum::<f32>() / 4.0;
     let last: f32 = losses[16..].iter().sum::<f32>() / 4.0;
-    assert!(last < 0.9 * first, "epoch-mean loss {first} -> {last} did not fall by 10%");
+    assert!(
+        last < 0.9 * first,
+        "epoch-mean loss {first} -> {last} did not fall by 10%"
+    );
 }

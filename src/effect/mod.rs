@@ -144,7 +144,13 @@ pub fn preference_weights(
     let total: f64 = raw.iter().map(|&w| f64::from(w)).sum();
     let weights = raw
         .iter()
-        .map(|&w| if total > 0.0 { (f64::from(w) / total) as f32 } else { 0.0 })
+        .map(|&w| {
+            if total > 0.0 {
+                (f64::from(w) / total) as f32
+            } else {
+                0.0
+            }
+        })
         .collect();
     (weights, flags)
 }
@@ -163,7 +169,11 @@ pub fn measure(
         distributions: config.divergence == Divergence::JensenShannon,
         ..ScoreOptions::default()
     };
-    let scores = session.score(&[&pair.with_history, &pair.counterfactual], response, &options)?;
+    let scores = session.score(
+        &[&pair.with_history, &pair.counterfactual],
+        response,
+        &options,
+    )?;
     let (with, without) = (&scores.prompts[0], &scores.prompts[1]);
     let texts = token_texts(session, response)?;
     Ok(from_scores(
@@ -190,7 +200,10 @@ fn from_scores(
     let p_without: Vec<f32> = without.logprobs.iter().map(|l| l.exp()).collect();
     let (weights, flags) = preference_weights(&p_with, &p_without, config);
     let divergence = |t: usize| {
-        let (a, b) = (with.log_distributions.as_ref()?, without.log_distributions.as_ref()?);
+        let (a, b) = (
+            with.log_distributions.as_ref()?,
+            without.log_distributions.as_ref()?,
+        );
         let row = t * n_vocab..(t + 1) * n_vocab;
         Some(jensen_shannon(&a[row.clone()], &b[row]))
     };
@@ -267,8 +280,18 @@ mod tests {
 
     #[test]
     fn jensen_shannon_is_zero_for_equal_and_ln2_for_disjoint() {
-        let p = [0.5f32.ln(), 0.5f32.ln(), f32::NEG_INFINITY, f32::NEG_INFINITY];
-        let q = [f32::NEG_INFINITY, f32::NEG_INFINITY, 0.5f32.ln(), 0.5f32.ln()];
+        let p = [
+            0.5f32.ln(),
+            0.5f32.ln(),
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        let q = [
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+            0.5f32.ln(),
+            0.5f32.ln(),
+        ];
         assert!(jensen_shannon(&p, &p).abs() < 1e-7);
         assert!((jensen_shannon(&p, &q) - 2f32.ln()).abs() < 1e-6);
     }

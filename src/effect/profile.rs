@@ -79,7 +79,11 @@ pub fn profile(all: &[Effects], min_count: usize, top: usize) -> Profile {
     let mut phrase_stats: HashMap<String, (f32, usize)> = HashMap::new();
     let (mut pb, mut total) = (0usize, 0usize);
     for effects in all {
-        pb += effects.tokens.iter().filter(|t| t.preference_bearing).count();
+        pb += effects
+            .tokens
+            .iter()
+            .filter(|t| t.preference_bearing)
+            .count();
         total += effects.tokens.len();
         let words = words(effects);
         for word in &words {
@@ -90,7 +94,11 @@ pub fn profile(all: &[Effects], min_count: usize, top: usize) -> Profile {
         for run in words.split(|w| !w.preference_bearing) {
             for window in 2..=run.len().min(4) {
                 for phrase in run.windows(window) {
-                    let text = phrase.iter().map(|w| w.text.as_str()).collect::<Vec<_>>().join(" ");
+                    let text = phrase
+                        .iter()
+                        .map(|w| w.text.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" ");
                     let mean = phrase.iter().map(|w| w.delta_p).sum::<f32>() / window as f32;
                     let entry = phrase_stats.entry(text).or_default();
                     entry.0 += mean;
@@ -121,7 +129,11 @@ pub fn profile(all: &[Effects], min_count: usize, top: usize) -> Profile {
         words: rank(word_stats),
         phrases: rank(phrase_stats),
         texts: all.len(),
-        preference_bearing_share: if total == 0 { 0.0 } else { pb as f32 / total as f32 },
+        preference_bearing_share: if total == 0 {
+            0.0
+        } else {
+            pb as f32 / total as f32
+        },
     }
 }
 
@@ -153,7 +165,13 @@ mod tests {
 
     #[test]
     fn words_join_subword_tokens_and_take_their_largest_effect() {
-        let e = effects(&[("Soft", 0.01), (" sn", 0.4), ("ug", 0.0), ("gly", 0.02), ("!", 0.0)]);
+        let e = effects(&[
+            ("Soft", 0.01),
+            (" sn", 0.4),
+            ("ug", 0.0),
+            ("gly", 0.02),
+            ("!", 0.0),
+        ]);
         let w = words(&e);
         let texts: Vec<&str> = w.iter().map(|w| w.text.as_str()).collect();
         assert_eq!(texts, vec!["soft", "snuggly"]);

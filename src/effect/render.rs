@@ -48,7 +48,11 @@ pub fn to_terminal(effects: &Effects) -> String {
          \x1b[1;4mbold underlined\x1b[0m preference-bearing (Δp > δ = {})\n\
          {} of {} tokens preference-bearing ({:.0}%), {} history items in the prompt\n",
         effects.delta,
-        effects.tokens.iter().filter(|t| t.preference_bearing).count(),
+        effects
+            .tokens
+            .iter()
+            .filter(|t| t.preference_bearing)
+            .count(),
         effects.tokens.len(),
         100.0 * effects.preference_bearing_share(),
         effects.history_used,
@@ -62,7 +66,11 @@ pub fn to_html(effects: &Effects, title: &str) -> String {
     let mut body = String::new();
     for token in &effects.tokens {
         let alpha = (token.delta_p.abs() / STEPS[3]).min(1.0) * 0.85;
-        let rgb = if token.delta_p >= 0.0 { "40,160,70" } else { "210,50,50" };
+        let rgb = if token.delta_p >= 0.0 {
+            "40,160,70"
+        } else {
+            "210,50,50"
+        };
         let mut hover = format!(
             "Δp {:+.4} | log p with history {:.3} | without {:.3} | Δ log p {:+.3} | weight {:.4}",
             token.delta_p, token.logp_with, token.logp_without, token.delta_logp, token.weight
@@ -70,7 +78,11 @@ pub fn to_html(effects: &Effects, title: &str) -> String {
         if let Some(js) = token.js_divergence {
             let _ = write!(hover, " | JS {js:.4}");
         }
-        let class = if token.preference_bearing { "t pb" } else { "t" };
+        let class = if token.preference_bearing {
+            "t pb"
+        } else {
+            "t"
+        };
         let _ = write!(
             body,
             "<span class=\"{class}\" style=\"background:rgba({rgb},{alpha:.3})\" \
@@ -135,7 +147,10 @@ mod tests {
             weight: 0.5,
         };
         Effects {
-            tokens: vec![token("<b>\"Soft", 0.4, true), token(" & snug\ngly", -0.1, false)],
+            tokens: vec![
+                token("<b>\"Soft", 0.4, true),
+                token(" & snug\ngly", -0.1, false),
+            ],
             delta: 0.05,
             history_used: 3,
         }

@@ -8,7 +8,7 @@ use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 
-use super::{llama_backend, default_threads, Model};
+use super::{default_threads, llama_backend, Model};
 use crate::{Error, Result};
 
 /// Sizes and threads of a [`Session`].

@@ -21,9 +21,8 @@ pub fn model_path() -> PathBuf {
 pub fn model() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
     MODEL.get_or_init(|| {
-        Model::load(model_path(), &ModelOptions::default()).unwrap_or_else(|e| {
-            panic!("{e}\n(run models/fetch.sh first, or set NEXTQUILL_MODEL)")
-        })
+        Model::load(model_path(), &ModelOptions::default())
+            .unwrap_or_else(|e| panic!("{e}\n(run models/fetch.sh first, or set NEXTQUILL_MODEL)"))
     })
 }
 
