@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use nextquill::effect;
-use nextquill::engine::{Engine, EngineOptions, ExampleSelection, TrainRequest};
+use nextquill::engine::{ExampleSelection, TrainRequest};
 use nextquill::llm::{GenerateOptions, Sampling};
-use nextquill::store::{ImportOptions, Store, StoreOptions};
+use nextquill::store::ImportOptions;
 use nextquill::train::{Objective, TrainConfig};
 
 use super::Cli;
@@ -44,21 +44,14 @@ pub fn demo(cli: &Cli, args: &DemoArgs) -> Result<()> {
         );
         std::fs::remove_dir_all(work).with_context(|| format!("clearing {}", work.display()))?;
     }
-    let adapters = work.join("adapters");
-    std::fs::create_dir_all(&adapters).with_context(|| format!("creating {}", work.display()))?;
+    std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
     std::fs::write(
         work.join(MARKER),
         "made by `nextquill demo`; safe to delete\n",
     )?;
 
     step(1, "import three made-up users' review histories");
-    let store = Store::open(
-        work.join("history.sqlite3"),
-        StoreOptions {
-            managed_adapter_dir: Some(adapters.clone()),
-            ..StoreOptions::default()
-        },
-    )?;
+    let store = cli.work_store(work, "history.sqlite3")?;
     let imported = store.import_reader(
         DEMO_USERS.as_bytes(),
         &ImportOptions::default(),
@@ -74,14 +67,7 @@ pub fn demo(cli: &Cli, args: &DemoArgs) -> Result<()> {
         println!("  {user}: {} texts", store.items(user)?.len());
     }
 
-    let mut options = EngineOptions::reference();
-    options.session = super::model_cmds::session_options(cli);
-    let engine = Engine::new(
-        super::model_cmds::load_model(cli)?,
-        store,
-        adapters,
-        options,
-    )?;
+    let engine = cli.work_engine(work, store)?;
 
     step(
         2,

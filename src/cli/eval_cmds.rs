@@ -6,9 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use nextquill::engine::{Engine, EngineOptions};
 use nextquill::eval::{self, Decoding, EvalConfig, EvalEvent, Regime};
-use nextquill::store::{ImportOptions, Store, StoreOptions};
+use nextquill::store::ImportOptions;
 
 use super::Cli;
 
@@ -63,15 +62,8 @@ pub fn eval(cli: &Cli, args: &EvalArgs) -> Result<()> {
             nextquill::engine::default_data_dir().join(format!("eval-{stamp}"))
         }
     };
-    let adapters = work.join("adapters");
-    std::fs::create_dir_all(&adapters).with_context(|| format!("creating {}", work.display()))?;
-    let store = Store::open(
-        work.join("eval.sqlite3"),
-        StoreOptions {
-            managed_adapter_dir: Some(adapters.clone()),
-            ..StoreOptions::default()
-        },
-    )?;
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let store = cli.work_store(&work, "eval.sqlite3")?;
     let report = store
         .import_file(&args.data, &ImportOptions::default())
         .with_context(|| format!("importing {}", args.data.display()))?;
@@ -82,14 +74,7 @@ pub fn eval(cli: &Cli, args: &EvalArgs) -> Result<()> {
             args.data.display()
         );
     }
-    let mut options = EngineOptions::reference();
-    options.session = super::model_cmds::session_options(cli);
-    let engine = Engine::new(
-        super::model_cmds::load_model(cli)?,
-        store,
-        adapters,
-        options,
-    )?;
+    let engine = cli.work_engine(&work, store)?;
 
     let mut config = EvalConfig {
         test_users: args.users,

@@ -138,6 +138,35 @@ impl Cli {
             .join("adapters")
     }
 
+    /// A store of its own in `work` (`db` inside it, adapters in `work/adapters`),
+    /// for the demo and the benchmark, which must not touch the user's store.
+    pub fn work_store(&self, work: &std::path::Path, db: &str) -> Result<nextquill::store::Store> {
+        let adapters = work.join("adapters");
+        std::fs::create_dir_all(&adapters)?;
+        let options = nextquill::store::StoreOptions {
+            managed_adapter_dir: Some(adapters),
+            ..Default::default()
+        };
+        Ok(nextquill::store::Store::open(work.join(db), options)?)
+    }
+
+    /// An engine with the reference protocol's prompts over a [`Cli::work_store`].
+    pub fn work_engine(
+        &self,
+        work: &std::path::Path,
+        store: nextquill::store::Store,
+    ) -> Result<nextquill::engine::Engine> {
+        let mut options = nextquill::engine::EngineOptions::reference();
+        options.session = model_cmds::session_options(self);
+        let model = model_cmds::load_model(self)?;
+        Ok(nextquill::engine::Engine::new(
+            model,
+            store,
+            work.join("adapters"),
+            options,
+        )?)
+    }
+
     /// The model and the store, with the session sized by `--threads`.
     pub fn engine(&self) -> Result<nextquill::engine::Engine> {
         let db = self.db_path();
