@@ -170,11 +170,7 @@ impl Store {
                 vec![&user, &bound_time, &bound_item],
             ),
             Some(expression) => (
-                "SELECT i.item_id, i.timestamp, i.time_us, i.request, i.text, i.source
-                 FROM items_fts JOIN items AS i ON i.id = items_fts.rowid
-                 WHERE items_fts MATCH ?4 AND i.user_id = ?1 AND (i.time_us, i.item_id) < (?2, ?3)
-                 ORDER BY bm25(items_fts, 0.0, 1.0, 1.0), i.time_us DESC, i.item_id DESC"
-                    .to_owned(),
+                BM25_SQL.to_owned(),
                 vec![&user, &bound_time, &bound_item, expression],
             ),
         };
@@ -206,10 +202,38 @@ impl Store {
     }
 }
 
+/// Items of user `?1` older than `(?2, ?3)` that match the FTS5 expression
+/// `?4`, best BM25 first.
+///
+/// CROSS JOIN keeps the full-text match as the outer loop: with a plain JOIN
+/// SQLite walked the user's items and evaluated the MATCH once per item
+/// (28 s for 10,000 items instead of 28 ms).
+const BM25_SQL: &str = "SELECT i.item_id, i.timestamp, i.time_us, i.request, i.text, i.source
+     FROM items_fts CROSS JOIN items AS i ON i.id = items_fts.rowid
+     WHERE items_fts MATCH ?4 AND i.user_id = ?1 AND (i.time_us, i.item_id) < (?2, ?3)
+     ORDER BY bm25(items_fts, 0.0, 1.0, 1.0), i.time_us DESC, i.item_id DESC";
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::NewItem;
+
+    #[test]
+    fn bm25_query_drives_from_the_full_text_match_not_from_every_item() {
+        // Regression: the planner looped over the user's items and ran the
+        // MATCH once per item, 1000 times slower on a long history.
+        let store = store_with(&[("a", "2024-01-01T00:00:00Z", "kettle", "boils fast")]);
+        let conn = store.connection().unwrap();
+        let mut stmt = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {BM25_SQL}"))
+            .unwrap();
+        let plan: Vec<String> = stmt
+            .query_map(("u1", 0i64, "z", "kettle"), |row| row.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(plan[0].contains("items_fts"), "outer loop: {plan:?}");
+    }
 
     fn store_with(items: &[(&str, &str, &str, &str)]) -> Store {
         let store = Store::open_in_memory().unwrap();
