@@ -3,10 +3,14 @@
 //!
 //! `cargo bench --bench adapter`; threads from `NEXTQUILL_THREADS` (default 2).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+use common::{model_path, threads};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nextquill::adapter::{write_gguf, AdapterMeta, LoraPair, LoraTarget, LoraWeights};
 use nextquill::llm::{
@@ -17,21 +21,6 @@ use rand_chacha::ChaCha8Rng;
 
 const NEW_TOKENS: usize = 64;
 const SCORED_TOKENS: usize = 32;
-
-fn model_path() -> PathBuf {
-    std::env::var_os("NEXTQUILL_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        })
-}
-
-fn threads() -> usize {
-    std::env::var("NEXTQUILL_THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(2)
-}
 
 /// A rank-8, alpha-16 adapter on q and v of every layer, small enough that
 /// the model keeps counting under it.

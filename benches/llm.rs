@@ -3,11 +3,14 @@
 //!
 //! `cargo bench --bench llm`; threads from `NEXTQUILL_THREADS` (default 2).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::num::NonZeroU32;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 use std::time::Duration;
 
+use common::{model_path, threads};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -22,21 +25,6 @@ use nextquill::llm::{
 
 const PROMPT_TOKENS: usize = 300;
 const NEW_TOKENS: usize = 64;
-
-fn model_path() -> PathBuf {
-    std::env::var_os("NEXTQUILL_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        })
-}
-
-fn threads() -> usize {
-    std::env::var("NEXTQUILL_THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(2)
-}
 
 /// A counting prompt: the model keeps counting, so no end-of-generation
 /// token cuts a timed generation short.

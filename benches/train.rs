@@ -4,21 +4,16 @@
 //!
 //! Run: `cargo bench --release --bench train` (needs the default model).
 
-use std::path::PathBuf;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::time::Duration;
 
+use common::model_path;
 use criterion::Criterion;
 use nextquill::train::{Control, Objective, TrainConfig, TrainExample, Trainer};
 
 const PEAK_ENV: &str = "NEXTQUILL_BENCH_PEAK";
-
-fn model_path() -> PathBuf {
-    std::env::var_os("NEXTQUILL_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        })
-}
 
 /// Token ids in the ordinary-word range of the vocabulary; speed does not depend on which.
 fn ids(n: usize, offset: u32) -> Vec<u32> {

@@ -17,6 +17,14 @@ pub fn model_path() -> PathBuf {
         })
 }
 
+/// Compute threads of the benches: `NEXTQUILL_THREADS`, else 2.
+pub fn threads() -> usize {
+    std::env::var("NEXTQUILL_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2)
+}
+
 /// The default model, loaded once and shared by every test of the binary.
 pub fn model() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
