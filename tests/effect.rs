@@ -63,7 +63,6 @@ fn a_history_that_is_the_counterfactual_has_exactly_zero_effect() {
 }
 
 #[test]
-#[ignore = "llama.cpp scores of one sequence move with the batch around it, by up to 0.15 and differently from run to run (bug under investigation, see docs/ARCHITECTURE.md)"]
 fn joint_batch_effects_equal_two_separate_passes() {
     let model = common::model();
     let response = model.tokenize_text("Absolutely love it!! Five stars from me!");
@@ -91,23 +90,11 @@ fn joint_batch_effects_equal_two_separate_passes() {
     let without = session()
         .score(&[&pair.counterfactual], &response, &alone)
         .unwrap();
-    // llama.cpp's CPU kernels move a log-probability with the shape of the
-    // batch (see docs/ARCHITECTURE.md); the largest gap seen here is ~0.11.
-    let mut worst = 0f32;
     for (t, token) in effects.tokens.iter().enumerate() {
         let (lw, lo) = (with.prompts[0].logprobs[t], without.prompts[0].logprobs[t]);
-        worst = worst
-            .max((token.logp_with - lw).abs())
-            .max((token.logp_without - lo).abs());
-        let delta_p = lw.exp() - lo.exp();
-        assert!(
-            (token.delta_p - delta_p).abs() < 0.05,
-            "t {t}: {} vs {delta_p}",
-            token.delta_p
-        );
+        assert_eq!((token.logp_with, token.logp_without), (lw, lo), "t {t}");
+        assert_eq!(token.delta_p, lw.exp() - lo.exp(), "t {t}");
     }
-    assert!(worst < 0.2, "largest log-probability gap {worst}");
-    eprintln!("largest log-probability gap, joint vs separate: {worst}");
     // The repeated sign-off is what this history causes.
     assert!(effects.preference_bearing_share() > 0.0);
 }

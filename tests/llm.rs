@@ -138,9 +138,8 @@ fn callback_can_stop_generation() {
 }
 
 #[test]
-#[ignore = "the continuation it needs (CJK after emoji) depends on the same run-to-run drift as the batch tests"]
 fn streamed_emoji_and_cjk_pieces_are_whole_utf8() {
-    let pattern = "🦀 你好世界 🎉 日本語 ";
+    let pattern = "1. 🍎 苹果\n2. 🍌 香蕉\n3. 🍇 葡萄\n";
     let prompt = model().tokenize_prompt(&pattern.repeat(6));
     let options = GenerateOptions {
         max_tokens: 40,
@@ -173,36 +172,49 @@ fn streamed_emoji_and_cjk_pieces_are_whole_utf8() {
     assert_eq!(joined, model().detokenize(&generation.tokens).unwrap());
 }
 
+/// A with-history prompt and its counterfactual that share a long opening
+/// (more than one attention tile), and a response.
 fn two_prompts() -> (Vec<u32>, Vec<u32>, Vec<u32>) {
     let m = model();
-    let with = m.tokenize_prompt(
-        &m.render_chat(
-            &[(
-                Role::User,
-                "Past reviews: I adore this brand, the fabric is dreamy.\nWrite a review of a scarf.",
-            )],
-            true,
-        )
-        .unwrap(),
-    );
-    let without = m.tokenize_prompt(
-        &m.render_chat(
-            &[(Role::User, "Past reviews: None\nWrite a review of a scarf.")],
-            true,
-        )
-        .unwrap(),
-    );
+    let opening = "You write product reviews for a shop. Be honest and specific: \
+                   mention the material, the fit, the price, and how the thing held \
+                   up after a few weeks of daily use. Keep it under a hundred words. "
+        .repeat(2);
+    let chat = |history: &str| {
+        let request = format!("{opening}Past reviews: {history}\nWrite a review of a scarf.");
+        m.tokenize_prompt(&m.render_chat(&[(Role::User, &request)], true).unwrap())
+    };
+    let with = chat("I adore this brand, the fabric is dreamy.");
+    let without = chat("None");
     let response = m.tokenize_text("The fabric is dreamy and I adore the colour.");
     (with, without, response)
 }
 
-/// How far llama.cpp's CPU kernels let a sequence's log-probabilities move
-/// with the shape of the batch around it (measured up to about 1.2e-2 here);
-/// bit-identity does not hold, see the note in `docs/ARCHITECTURE.md`.
-const BATCH_NOISE: f32 = 3e-2;
+/// Regression: llama.cpp's CPU flash attention sums a query's keys tile by
+/// tile, so the same sequence placed at another KV-cache offset scored up to
+/// 0.3 nat differently. Every offset must now give the scores it gets alone.
+#[test]
+fn a_sequence_scores_the_same_whatever_comes_before_it_in_the_batch() {
+    let (with, _, response) = two_prompts();
+    let filler = model().tokenize_text(&"Unrelated words fill the cache here. ".repeat(16));
+    let mut s = session();
+    let separate = ScoreOptions {
+        prefix: PrefixSharing::Separate,
+        ..ScoreOptions::default()
+    };
+    let alone = s.score(&[&with], &response, &separate).unwrap();
+    for k in [1, 2, 5, 13, 30, 63, 64, 65, 100] {
+        let joint = s
+            .score(&[&filler[..k], &with], &response, &separate)
+            .unwrap();
+        assert_eq!(
+            joint.prompts[1].logprobs, alone.prompts[0].logprobs,
+            "{k} tokens before"
+        );
+    }
+}
 
 #[test]
-#[ignore = "llama.cpp scores of one sequence move with the batch around it, by up to 0.15 and differently from run to run (bug under investigation, see docs/ARCHITECTURE.md)"]
 fn two_prompts_in_one_batch_score_as_each_alone() {
     let (with, without, response) = two_prompts();
     let mut s = session();
@@ -217,9 +229,7 @@ fn two_prompts_in_one_batch_score_as_each_alone() {
         (&joint.prompts[0], &alone_with),
         (&joint.prompts[1], &alone_without),
     ] {
-        for (x, y) in joint.logprobs.iter().zip(&alone.prompts[0].logprobs) {
-            assert!((x - y).abs() < BATCH_NOISE, "{x} vs {y}");
-        }
+        assert_eq!(joint.logprobs, alone.prompts[0].logprobs);
     }
     assert_ne!(joint.prompts[0].logprobs, joint.prompts[1].logprobs);
     assert!(joint.prompts[0]
@@ -229,7 +239,6 @@ fn two_prompts_in_one_batch_score_as_each_alone() {
 }
 
 #[test]
-#[ignore = "llama.cpp scores of one sequence move with the batch around it, by up to 0.15 and differently from run to run (bug under investigation, see docs/ARCHITECTURE.md)"]
 fn shared_prefix_scores_match_separate_decoding() {
     let (with, without, response) = two_prompts();
     let mut s = session();
@@ -250,9 +259,8 @@ fn shared_prefix_scores_match_separate_decoding() {
         .unwrap();
     assert!(shared.decoded_tokens < separate.decoded_tokens);
     for (a, b) in shared.prompts.iter().zip(&separate.prompts) {
-        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
-            assert!((x - y).abs() < BATCH_NOISE, "{x} vs {y}");
-        }
+        assert_eq!(a.logprobs, b.logprobs);
+        assert_eq!(a.log_distributions, b.log_distributions);
     }
     let dist = shared.prompts[0].log_distributions.as_ref().unwrap();
     assert_eq!(dist.len(), response.len() * model().n_vocab());

@@ -182,6 +182,12 @@ impl Model {
         self.info.n_vocab as usize
     }
 
+    /// A token that fills alignment cells of a scoring batch: it lives in a
+    /// sequence of its own that nothing attends to, so any valid id serves.
+    pub(crate) fn pad_token(&self) -> TokenId {
+        0
+    }
+
     /// Tokenizes a whole prompt: control tokens written in the text (such as
     /// `<|im_start|>` from the chat template) become control tokens, and the
     /// model's BOS is added when its vocabulary asks for one.

@@ -87,51 +87,60 @@ impl Session<'_> {
             PrefixSharing::Shared => common_prefix_len(&sequences),
             PrefixSharing::Separate => 0,
         };
-        let total = shared + sequences.iter().map(|s| s.len() - shared).sum::<usize>();
+        let layout = Layout::new(&sequences, shared, self.options.n_ubatch as usize);
         self.check_fits(
             || {
                 format!(
-                    "scoring a {}-token response under {} prompts ({} tokens after sharing)",
+                    "scoring a {}-token response under {} prompts ({} tokens after sharing and alignment)",
                     response.len(),
                     prompts.len(),
-                    total
+                    layout.total
                 )
             },
-            total,
+            layout.total,
         )?;
 
         let predicts = |s: usize, pos: usize| {
             let start = prompts[s].len() - 1;
             (pos >= start).then(|| pos - start)
         };
-        let mut batch = LlamaBatch::new(total, prompts.len() as i32);
+        let pad_seq = prompts.len() as i32;
+        let pad_token = self.model.pad_token();
+        let mut pad_pos = 0usize;
+        let mut batch = LlamaBatch::new(layout.total, prompts.len() as i32 + 1);
+        let mut pad_to = |batch: &mut LlamaBatch, cells: usize| -> Result<()> {
+            while (batch.n_tokens() as usize) < cells {
+                add(batch, pad_token, pad_pos, &[pad_seq], false)?;
+                pad_pos += 1;
+            }
+            Ok(())
+        };
         let mut out_index = vec![vec![0i32; response.len()]; prompts.len()];
         let all_seqs: Vec<i32> = (0..prompts.len() as i32).collect();
-        let mut index = 0i32;
-        for (pos, &token) in sequences[0][..shared].iter().enumerate() {
+        for (pos, &token) in sequences[0][..layout.shared].iter().enumerate() {
             let mut wanted = false;
             for (s, rows) in out_index.iter_mut().enumerate() {
                 if let Some(t) = predicts(s, pos) {
-                    rows[t] = index;
+                    rows[t] = batch.n_tokens();
                     wanted = true;
                 }
             }
             add(&mut batch, token, pos, &all_seqs, wanted)?;
-            index += 1;
         }
         for (s, sequence) in sequences.iter().enumerate() {
-            for (pos, &token) in sequence.iter().enumerate().skip(shared) {
+            pad_to(&mut batch, layout.starts[s])?;
+            for (pos, &token) in sequence.iter().enumerate().skip(layout.shared) {
                 let target = predicts(s, pos);
                 if let Some(t) = target {
-                    out_index[s][t] = index;
+                    out_index[s][t] = batch.n_tokens();
                 }
                 add(&mut batch, token, pos, &[s as i32], target.is_some())?;
-                index += 1;
             }
         }
+        pad_to(&mut batch, layout.total)?;
 
         let _span =
-            tracing::debug_span!("score", tokens = total, prompts = prompts.len()).entered();
+            tracing::debug_span!("score", tokens = layout.total, prompts = prompts.len()).entered();
         self.clear();
         self.decode(&mut batch)?;
 
@@ -157,7 +166,7 @@ impl Session<'_> {
         self.clear();
         Ok(Scores {
             prompts: results,
-            decoded_tokens: total,
+            decoded_tokens: layout.total,
         })
     }
 
@@ -200,6 +209,55 @@ fn add(
         .map_err(|e| Error::llama("fill a batch", e))
 }
 
+/// Cells of one tile of llama.cpp's CPU flash-attention kernel
+/// (`GGML_FA_TILE_KV` and `GGML_FA_TILE_Q` in ggml-cpu).
+///
+/// The kernel sums a query's attention tile by tile, so a sequence whose cells
+/// start at another offset inside a tile gets other float rounding, and this
+/// model's 8-bit activation quantization turns those last-bit differences into
+/// log-probabilities up to ~0.3 nat apart. Batches shorter than a tile take
+/// another, untiled kernel. Starting every sequence on a tile boundary, and
+/// giving every computation step at least one tile of queries, makes a
+/// sequence's scores bit-identical whatever else shares the batch.
+pub(crate) const ATTENTION_TILE: usize = 64;
+
+/// Where each sequence of a scoring batch lives in the KV cache.
+#[derive(Debug, PartialEq, Eq)]
+struct Layout {
+    /// Tokens decoded once for every sequence: the common prefix, cut to a
+    /// whole number of tiles.
+    shared: usize,
+    /// First cell of each sequence's own tokens (a tile boundary).
+    starts: Vec<usize>,
+    /// Cells of the whole batch, padding included.
+    total: usize,
+}
+
+impl Layout {
+    fn new(sequences: &[Vec<TokenId>], common_prefix: usize, step: usize) -> Layout {
+        let shared = common_prefix / ATTENTION_TILE * ATTENTION_TILE;
+        let mut cell = shared;
+        let mut starts = Vec::with_capacity(sequences.len());
+        for sequence in sequences {
+            let start = cell.next_multiple_of(ATTENTION_TILE);
+            starts.push(start);
+            cell = start + sequence.len() - shared;
+        }
+        // llama.cpp computes the batch `step` (>= one tile) tokens at a time;
+        // a last step shorter than a tile would take its untiled kernel.
+        let tail = cell % step;
+        let total = match tail {
+            1..ATTENTION_TILE => cell + ATTENTION_TILE - tail,
+            _ => cell,
+        };
+        Layout {
+            shared,
+            starts,
+            total,
+        }
+    }
+}
+
 /// Length of the prefix every sequence shares. One shorter than the shortest
 /// sequence at most, so each sequence keeps a token of its own: llama.cpp then
 /// sees every sequence as a distinct, non-empty continuation.
@@ -234,6 +292,26 @@ mod tests {
         assert_eq!(common_prefix_len(&differ), 2);
         let none = vec![vec![5, 2], vec![1, 2]];
         assert_eq!(common_prefix_len(&none), 0);
+    }
+
+    #[test]
+    fn layout_starts_every_sequence_on_a_tile() {
+        let tile = ATTENTION_TILE;
+        let sequences = vec![vec![0; tile + 10], vec![0; tile + 3]];
+        let layout = Layout::new(&sequences, tile + 2, 512);
+        assert_eq!(layout.shared, tile);
+        assert_eq!(layout.starts, vec![tile, 2 * tile]);
+        assert_eq!(layout.total, 2 * tile + 3);
+        // A short batch still fills one whole query tile.
+        let short = Layout::new(&[vec![0; 5]], 0, 512);
+        assert_eq!((short.starts.clone(), short.total), (vec![0], tile));
+        // So does the last computation step of a long one.
+        let separate = Layout::new(&sequences, 0, 512);
+        assert_eq!(separate.starts, vec![0, 2 * tile]);
+        assert_eq!(separate.total, 3 * tile + 3);
+        assert_eq!(Layout::new(&sequences, 0, 3 * tile).total, 4 * tile);
+        // Sharing less than a tile shares nothing.
+        assert_eq!(Layout::new(&sequences, tile - 1, 512).shared, 0);
     }
 
     #[test]

@@ -11,16 +11,20 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use super::{default_threads, llama_backend, Model};
 use crate::{Error, Result};
 
+/// llama.cpp's `LLAMA_FLASH_ATTN_TYPE_ENABLED` (llama-cpp-2 does not name it).
+const FLASH_ATTENTION_ENABLED: i32 = 1;
+
 /// Sizes and threads of a [`Session`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionOptions {
     /// Context window in tokens, shared by all sequences of one call
     /// (the KV cache is unified). Default 4096.
     pub n_ctx: u32,
-    /// Most tokens one llama.cpp decode call takes. A scoring call must fit in
-    /// one batch. Default 4096.
+    /// Most tokens one llama.cpp decode call takes. Default 4096.
     pub n_batch: u32,
-    /// Tokens computed at once inside a decode; bounds the scratch memory. Default 512.
+    /// Tokens computed at once inside a decode (at least 64); bounds the
+    /// scratch memory, which is dominated by n_ubatch x n_vocab logits
+    /// (about 100 MB at 512 for SmolLM2). Default 512.
     pub n_ubatch: u32,
     /// Most prompts one [`Session::score`] call may compare. Default 4.
     pub max_sequences: u32,
@@ -53,11 +57,12 @@ impl SessionOptions {
                 ),
             );
         }
-        if self.n_batch == 0 || self.n_ubatch == 0 || self.n_ubatch > self.n_batch {
+        let tile = super::score::ATTENTION_TILE as u32;
+        if self.n_ubatch < tile || self.n_ubatch > self.n_batch {
             return invalid(
                 "n_batch / n_ubatch",
                 format!(
-                    "need 0 < n_ubatch <= n_batch, got n_batch {} and n_ubatch {}",
+                    "need {tile} <= n_ubatch <= n_batch, got n_batch {} and n_ubatch {}",
                     self.n_batch, self.n_ubatch
                 ),
             );
@@ -103,7 +108,12 @@ impl<'m> Session<'m> {
             .with_n_ctx(NonZeroU32::new(options.n_ctx))
             .with_n_batch(options.n_batch)
             .with_n_ubatch(options.n_ubatch)
-            .with_n_seq_max(options.max_sequences)
+            // One more sequence than prompts: scoring pads its layout with a
+            // sequence of its own.
+            .with_n_seq_max(options.max_sequences + 1)
+            // Scores are reproducible across batch layouts only with the
+            // tiled flash-attention kernel (see `score::ATTENTION_TILE`).
+            .with_flash_attention_policy(FLASH_ATTENTION_ENABLED)
             .with_kv_unified(true)
             .with_n_threads(threads)
             .with_n_threads_batch(threads)
