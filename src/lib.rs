@@ -19,9 +19,13 @@ pub mod effect;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod ffi;
 pub mod llm;
 pub mod prompt;
 pub mod store;
 pub mod train;
 
 pub use error::{Error, Result};
+
+// The UniFFI scaffolding of the app SDK (`ffi`); it must live at the crate root.
+uniffi::setup_scaffolding!("nextquill");
