@@ -26,11 +26,15 @@ with zipfile.ZipFile(wheel) as z:
 PY
     rm -rf "$tmp"
 fi
-if [ ! -f /usr/share/java/jna.jar ]; then
+need=()
+[ -f /usr/share/java/jna.jar ] || need+=(libjna-java)
+command -v java >/dev/null || need+=(default-jdk-headless)
+if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    echo "installing ${need[*]}"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libjna-java >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 stdlib="$jars/kotlin-stdlib-2.3.10-RC.jar"
 json="$jars/kotlinx-serialization-json-jvm-1.9.0.jar:$jars/kotlinx-serialization-core-jvm-1.9.0.jar"
@@ -41,13 +45,19 @@ cargo build --release --lib
 
 classes="target/kotlin/classes"
 rm -rf "$classes"
+# The README's Kotlin example must compile too (it is not run: it trains a
+# full adapter).
+readme_example="target/kotlin/ReadmeExample.kt"
+awk '/^## Use it from an app/ { inside = 1 } inside && /^```kotlin/ { grab = 1; next }
+     grab && /^```/ { exit } grab { print }' README.md >"$readme_example"
+[ -s "$readme_example" ] || { echo "error: no kotlin example in README.md's 'Use it from an app'" >&2; exit 1; }
 start=$(date +%s)
 java -cp "$kernel" org.jetbrains.kotlin.cli.jvm.K2JVMCompiler \
     -no-stdlib -no-reflect -nowarn -classpath "$classpath" -d "$classes" \
     bindings/kotlin/generated/org/nextquill/nextquill.kt \
     mobile-demo/android/app/src/main/java/org/nextquill/demo/core/DemoController.kt \
-    tests/kotlin/SdkLoop.kt
-echo "compiled the Kotlin bindings, the demo logic and SdkLoop in $(($(date +%s) - start)) s"
+    tests/kotlin/SdkLoop.kt "$readme_example"
+echo "compiled the Kotlin bindings, the demo logic, SdkLoop and the README example in $(($(date +%s) - start)) s"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
