@@ -38,7 +38,7 @@ if [ "$mode" = "--check" ]; then
     for language in python kotlin swift; do
         if ! diff -r -u "bindings/$language/generated" "$fresh/$language" >"$fresh/$language.diff"; then
             stale=1
-            echo "error: bindings/$language/generated is stale; the library's API changed:" >&2
+            echo "error: bindings/$language/generated is stale (the API or its docs in src/ffi changed):" >&2
             head -n 40 "$fresh/$language.diff" >&2
         fi
     done
