@@ -21,6 +21,7 @@ pub mod error;
 pub mod eval;
 pub mod ffi;
 pub mod llm;
+pub mod porter;
 pub mod prompt;
 pub mod store;
 pub mod train;

@@ -93,12 +93,19 @@ CREATE TABLE adapters (
 CREATE UNIQUE INDEX adapters_one_active ON adapters (user_id) WHERE active = 1;
 "#;
 
+/// Version 4: how many items each indexed term occurs in, so BM25 queries can
+/// leave out words too common to rank by (see `store::retrieval`).
+const V4_TERM_COUNTS: &str = r#"
+CREATE VIRTUAL TABLE items_fts_terms USING fts5vocab (items_fts, 'row');
+"#;
+
 /// All migrations, oldest first.
 pub(crate) fn migrations() -> Migrations<'static> {
     Migrations::new(vec![
         M::up(V1_HISTORY),
         M::up(V2_EFFECT_CACHE),
         M::up(V3_ADAPTERS),
+        M::up(V4_TERM_COUNTS),
     ])
 }
 
@@ -160,7 +167,7 @@ mod tests {
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(version, 4);
         drop(conn);
 
         let items = store.items("u1").unwrap();

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 
 use super::bleu::tokenize_13a;
-use super::porter::porter_stem;
+use crate::porter::porter_stem;
 use crate::{Error, Result};
 
 /// METEOR's weights. Defaults are NLTK's: alpha 0.9, beta 3, gamma 0.5.

@@ -19,15 +19,14 @@
 mod bleu;
 mod bootstrap;
 mod meteor;
-mod porter;
 mod rouge;
 
+pub use crate::porter::porter_stem;
 pub use bleu::{corpus_bleu, tokenize_13a, BleuScore, BleuStats, MAX_NGRAM_ORDER};
 pub use bootstrap::{
     bootstrap_mean_ci, bootstrap_statistic, paired_bootstrap_diff_ci, BootstrapConfig, Interval,
 };
 pub use meteor::{meteor, meteor_tokens, MeteorParams};
-pub use porter::porter_stem;
 pub use rouge::{
     rouge, rouge1_f1, rouge_1_tokens, rouge_l_f1, rouge_l_tokens, rouge_tokens, Rouge, RougeScore,
 };

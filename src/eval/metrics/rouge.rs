@@ -4,11 +4,11 @@
 //! Its tokenizer: lowercase, every run of characters outside `[a-z0-9]` becomes
 //! a separator (so accented letters, emoji and apostrophes split or vanish),
 //! and tokens longer than three characters are stemmed with NLTK's Porter
-//! stemmer ([`porter_stem`](super::porter_stem)).
+//! stemmer ([`porter_stem`](crate::porter::porter_stem)).
 
 use std::collections::HashMap;
 
-use super::porter::porter_stem;
+use crate::porter::porter_stem;
 
 /// Precision, recall and F1 of one ROUGE variant, each in `[0, 1]`.
 #[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]

@@ -2,7 +2,9 @@
 //! `NLTK_EXTENSIONS`, checked against NLTK 3.10.4).
 //!
 //! Both reference metrics we match stem with this one stemmer: Google's
-//! `rouge-score` (`use_stemmer=True`) and NLTK's `meteor_score`. The Snowball
+//! `rouge-score` (`use_stemmer=True`) and NLTK's `meteor_score`. The store
+//! also uses it to look query words up in SQLite's full-text vocabulary, whose
+//! Porter stemmer agrees with this one on nearly every common word. The Snowball
 //! "English" stemmer that Rust crates ship is Porter2, a different algorithm
 //! ("generously" -> "generous" there, "gener" here), so scores would drift;
 //! hence this port. NLTK's mode differs from Porter's 1980 paper in a few
