@@ -1,12 +1,18 @@
-//! Speed of the history store on a file database: importing 10,000 items and
-//! choosing the history of a user who has 10,000 items (BM25 and recency).
+//! Speed of the history store on a file database: importing 10,000 items,
+//! choosing the history of a user who has 10,000 items (BM25 and recency),
+//! and building the prompt pair for a request from that history with the
+//! default model's tokenizer and chat template.
 //!
 //! The texts are the real reviews of `../shared/data`, repeated under new ids,
 //! so the full-text index sees a real vocabulary.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::io::Write;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use nextquill::prompt::{build_pair, PastText, PromptConfig};
 use nextquill::store::{
     HistoryQuery, HistoryStrategy, ImportFormat, ImportOptions, Store, StoreOptions,
 };
@@ -96,6 +102,7 @@ fn bench_store(c: &mut Criterion) {
         .expect("item")
         .request;
 
+    let recency_request = request.clone();
     let mut group = c.benchmark_group("store");
     let bm25 = HistoryQuery {
         strategy: HistoryStrategy::Bm25 { query: request },
@@ -116,6 +123,29 @@ fn bench_store(c: &mut Criterion) {
                 .history_for("bench", Some(before), &recency, &words)
                 .expect("recency");
             assert!(!chosen.is_empty() && chosen.len() <= 8);
+        })
+    });
+
+    // What the engine does before scoring or training on one item: choose the
+    // history (counted in model tokens) and render both prompts.
+    let model = common::model();
+    let config = PromptConfig::default();
+    let tokens = |text: &str| model.tokenize_text(text).len();
+    group.bench_function("prompt pair from 10k items (recency, 8 shown)", |b| {
+        b.iter(|| {
+            let chosen = store
+                .history_for("bench", Some(before), &recency, &tokens)
+                .expect("recency");
+            let past: Vec<PastText<'_>> = chosen
+                .iter()
+                .map(|item| PastText {
+                    request: &item.request,
+                    text: &item.text,
+                })
+                .collect();
+            let pair = build_pair(model, &config, &past, &recency_request, 256, 4096)
+                .expect("prompt pair");
+            assert!(pair.history_used > 0 && pair.with_history.len() > pair.counterfactual.len());
         })
     });
     group.finish();
