@@ -3,6 +3,7 @@
 
 mod checkpoint;
 mod config;
+mod fused;
 mod lora;
 mod loss;
 mod model;

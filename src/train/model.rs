@@ -3,8 +3,8 @@
 //! have a backward pass.
 //!
 //! candle's fused `rms_norm`, `softmax_last_dim`, `rope` and `QMatMul` have no
-//! backward pass (the graph is silently cut), so this file composes its own
-//! from basic ops and the custom ops of [`super::ops`]. Base weights stay in
+//! backward pass (the graph is silently cut), so this file builds the forward
+//! from basic ops and the custom ops of [`super::ops`] and [`super::fused`]. Base weights stay in
 //! their GGUF quantization and are frozen; only the LoRA pairs are variables.
 
 use std::fs::File;
@@ -12,8 +12,9 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::QTensor;
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
+use super::fused::{swiglu, RmsNorm, Rope};
 use super::lora::{Dropout, LoraSet};
 use super::ops::{CausalSoftmax, FrozenLinear, FrozenWeight};
 use crate::adapter::LoraTarget;
@@ -250,13 +251,14 @@ impl BaseModel {
         let ids = Tensor::from_slice(tokens, t, device)?;
         let mut x = self.embedding.index_select(&ids, 0)?;
         let (cos, sin) = rope_tables(&self.dims, t, device)?;
+        let rope = Rope::new(cos, sin, self.dims.arch)?;
 
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = self.block_forward(layer, block, &x, &cos, &sin, adapter.as_mut())?;
+            x = self.block_forward(layer, block, &x, &rope, adapter.as_mut())?;
         }
 
         let x = x.narrow(0, first_row, t - first_row)?;
-        let x = rms_norm(&x, &self.output_norm, self.dims.rms_eps)?;
+        let x = RmsNorm::new(self.output_norm.clone(), self.dims.rms_eps)?.forward(&x)?;
         self.lm_head.forward(&x)
     }
 
@@ -265,8 +267,7 @@ impl BaseModel {
         layer: usize,
         b: &Block,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &Rope,
         mut adapter: Option<&mut Adapter<'_>>,
     ) -> candle_core::Result<Tensor> {
         let d = &self.dims;
@@ -291,14 +292,14 @@ impl BaseModel {
             None => Ok(y),
         };
 
-        let h = rms_norm(x, &b.attn_norm, d.rms_eps)?;
+        let h = RmsNorm::new(b.attn_norm.clone(), d.rms_eps)?.forward(x)?;
         let q = with_bias(project(LoraTarget::Q, &h)?, &b.q_bias)?;
         let k = with_bias(project(LoraTarget::K, &h)?, &b.k_bias)?;
         let v = with_bias(project(LoraTarget::V, &h)?, &b.v_bias)?;
         let heads =
             |y: Tensor, n: usize| y.reshape((t, n, d.head_dim))?.transpose(0, 1)?.contiguous();
-        let q = rope(&heads(q, d.n_head)?, cos, sin, d.arch)?;
-        let k = rope(&heads(k, d.n_head_kv)?, cos, sin, d.arch)?;
+        let q = rope.forward(&heads(q, d.n_head)?)?;
+        let k = rope.forward(&heads(k, d.n_head_kv)?)?;
         let v = heads(v, d.n_head_kv)?;
 
         // Query heads that share a key/value head are stacked along the rows, so
@@ -317,16 +318,13 @@ impl BaseModel {
             .reshape((t, d.n_head * d.head_dim))?;
         let x = (x + project(LoraTarget::O, &mixed)?)?;
 
-        let h = rms_norm(&x, &b.ffn_norm, d.rms_eps)?;
-        let gated = (project(LoraTarget::Gate, &h)?.silu()? * project(LoraTarget::Up, &h)?)?;
+        let h = RmsNorm::new(b.ffn_norm.clone(), d.rms_eps)?.forward(&x)?;
+        let gated = swiglu(
+            &project(LoraTarget::Gate, &h)?,
+            &project(LoraTarget::Up, &h)?,
+        )?;
         x + project(LoraTarget::Down, &gated)?
     }
-}
-
-/// RMS norm from differentiable ops (candle's fused one has no backward pass).
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv_rms)?.broadcast_mul(weight)
 }
 
 /// Cosine and sine of the rotary angles, `(t, head_dim / 2)`.
@@ -340,29 +338,6 @@ fn rope_tables(d: &ModelDims, t: usize, device: &Device) -> candle_core::Result<
         .collect();
     let angles = Tensor::from_vec(angles, (t, half), device)?;
     Ok((angles.cos()?, angles.sin()?))
-}
-
-/// Rotary position embedding of `x` `(heads, t, head_dim)` in the layout the GGUF
-/// rows were written for.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, arch: Arch) -> candle_core::Result<Tensor> {
-    let (heads, t, head_dim) = x.dims3()?;
-    let half = head_dim / 2;
-    match arch {
-        Arch::Llama => {
-            let pairs = x.reshape((heads, t, half, 2))?;
-            let (even, odd) = (pairs.narrow(3, 0, 1)?, pairs.narrow(3, 1, 1)?);
-            let (cos, sin) = (cos.unsqueeze(2)?, sin.unsqueeze(2)?);
-            let first = (even.broadcast_mul(&cos)? - odd.broadcast_mul(&sin)?)?;
-            let second = (even.broadcast_mul(&sin)? + odd.broadcast_mul(&cos)?)?;
-            Tensor::cat(&[first, second], 3)?.reshape((heads, t, head_dim))
-        }
-        Arch::Qwen2 => {
-            let (low, high) = (x.narrow(2, 0, half)?, x.narrow(2, half, half)?);
-            let first = (low.broadcast_mul(cos)? - high.broadcast_mul(sin)?)?;
-            let second = (high.broadcast_mul(cos)? + low.broadcast_mul(sin)?)?;
-            Tensor::cat(&[first, second], 2)
-        }
-    }
 }
 
 fn read_dims(content: &Content) -> std::result::Result<ModelDims, String> {

@@ -15,7 +15,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Shape, Ten
 use rayon::prelude::*;
 
 /// The rows of a contiguous f32 CPU tensor, or an error naming the op.
-fn contiguous_f32<'a>(
+pub(super) fn contiguous_f32<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     op: &'static str,
