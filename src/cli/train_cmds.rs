@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
@@ -147,6 +148,9 @@ fn ctrl_c_flag() -> Arc<AtomicBool> {
     flag
 }
 
+/// How often training progress is logged when stderr is not a terminal.
+const LOG_LINE_EVERY: Duration = Duration::from_secs(5);
+
 /// A progress bar over training steps, stopped by Ctrl-C.
 pub fn train_with_bar(
     label: &str,
@@ -160,6 +164,9 @@ pub fn train_with_bar(
         ))
         .expect("static template"),
     );
+    // Without a terminal the bar draws nothing; a log then gets a plain line
+    // at most every few seconds, and for the last step.
+    let mut last_line: Option<Instant> = None;
     let mut progress = |event: Progress| {
         match event {
             Progress::Step {
@@ -171,7 +178,13 @@ pub fn train_with_bar(
             } => {
                 bar.set_length(total_steps as u64);
                 bar.set_position(step as u64);
-                bar.set_message(format!("loss {loss:.3}  {tokens_per_second:.0} tok/s"));
+                let message = format!("loss {loss:.3}  {tokens_per_second:.0} tok/s");
+                let due = last_line.is_none_or(|at| at.elapsed() >= LOG_LINE_EVERY);
+                if bar.is_hidden() && (due || step == total_steps) {
+                    eprintln!("{label}: step {step}/{total_steps}  {message}");
+                    last_line = Some(Instant::now());
+                }
+                bar.set_message(message);
             }
             Progress::Skipped { step, reason } => {
                 bar.println(format!("step {step} skipped: {reason}"));
