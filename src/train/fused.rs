@@ -12,11 +12,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::model::Arch;
-use super::ops::contiguous_f32;
+use super::ops::{contiguous_f32, CausalSoftmax};
 
 /// The f32 contents of a contiguous CPU tensor.
 fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -320,6 +320,98 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
+/// Causal grouped-query attention `softmax(scale * q k^T) v` that keeps no
+/// score matrix for the backward pass.
+///
+/// `q` is `(kv_heads, group * t, head_dim)`, the query heads that share a
+/// key/value head stacked along the rows (row `r` is position `r % t`); `k`
+/// and `v` are `(kv_heads, t, head_dim)`. The two `rows x t` matrices (scores
+/// and probabilities) are built for one layer at a time inside the op and
+/// rebuilt in the backward pass from `q` and `k`: a little more arithmetic
+/// instead of keeping `2 * heads * t^2` floats per layer for the whole step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Attention {
+    /// Multiplier applied to the scores before the softmax (`1 / sqrt(head_dim)`).
+    pub(crate) scale: f32,
+}
+
+impl Attention {
+    pub(crate) fn forward(self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+        if q.device().is_cpu() {
+            q.contiguous()?
+                .apply_op3(&k.contiguous()?, &v.contiguous()?, self)
+        } else {
+            let probabilities = CausalSoftmax { scale: self.scale }.forward(&q.matmul(&k.t()?)?)?;
+            probabilities.matmul(v)
+        }
+    }
+
+    /// The attention probabilities `(kv_heads, rows, t)`, from detached inputs.
+    fn probabilities(self, q: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
+        CausalSoftmax { scale: self.scale }.forward(&q.matmul(&k.t()?)?)
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_layout: &Layout,
+        k: &CpuStorage,
+        k_layout: &Layout,
+        v: &CpuStorage,
+        v_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let tensor = |s: &CpuStorage, l: &Layout| -> candle_core::Result<Tensor> {
+            let data = contiguous_f32(s, l, "attention")?;
+            Tensor::from_slice(data, l.shape(), &candle_core::Device::Cpu)
+        };
+        let (q, k, v) = (
+            tensor(q, q_layout)?,
+            tensor(k, k_layout)?,
+            tensor(v, v_layout)?,
+        );
+        let (heads, rows, head_dim) = q.dims3()?;
+        let (k_heads, t, k_dim) = k.dims3()?;
+        if heads != k_heads || head_dim != k_dim || v.dims() != k.dims() || rows % t != 0 {
+            bail!(
+                "attention got q {:?}, k {:?}, v {:?}",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            )
+        }
+        let out = self.probabilities(&q, &k)?.matmul(&v)?;
+        let shape = out.shape().clone();
+        Ok((CpuStorage::F32(out.flatten_all()?.to_vec1()?), shape))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let grad = grad_res.detach().contiguous()?;
+        let p = self.probabilities(&q, &k)?;
+        let d_v = p.t()?.matmul(&grad)?;
+        let d_p = grad.matmul(&v.t()?)?;
+        let d_scores = CausalSoftmax { scale: self.scale }
+            .bwd(&p, &p, &d_p)?
+            .expect("the softmax has an input gradient");
+        let d_q = d_scores.matmul(&k)?;
+        let d_k = d_scores.t()?.matmul(&q)?;
+        Ok((Some(d_q), Some(d_k), Some(d_v)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Var};
@@ -402,5 +494,28 @@ mod tests {
         let fused = swiglu(&gate, &up).unwrap();
         let composed = (gate.silu().unwrap() * up.as_tensor()).unwrap();
         assert_same(&[&gate, &up], &fused, &composed, 1e-5);
+    }
+
+    #[test]
+    fn attention_matches_the_softmax_and_matmul_composition() {
+        let (kv_heads, group, t, head_dim) = (2, 3, 5, 4);
+        let q = Var::from_tensor(&ramp(
+            kv_heads * group * t * head_dim,
+            (kv_heads, group * t, head_dim),
+            1,
+        ))
+        .unwrap();
+        let k =
+            Var::from_tensor(&ramp(kv_heads * t * head_dim, (kv_heads, t, head_dim), 4)).unwrap();
+        let v =
+            Var::from_tensor(&ramp(kv_heads * t * head_dim, (kv_heads, t, head_dim), 9)).unwrap();
+        let op = Attention { scale: 0.5 };
+        let fused = op.forward(&q, &k, &v).unwrap();
+        let composed = CausalSoftmax { scale: 0.5 }
+            .forward(&q.matmul(&k.t().unwrap()).unwrap())
+            .unwrap()
+            .matmul(&v)
+            .unwrap();
+        assert_same(&[&q, &k, &v], &fused, &composed, 1e-5);
     }
 }

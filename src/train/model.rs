@@ -14,9 +14,9 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
-use super::fused::{swiglu, RmsNorm, Rope};
+use super::fused::{swiglu, Attention, RmsNorm, Rope};
 use super::lora::{Dropout, LoraSet};
-use super::ops::{CausalSoftmax, FrozenLinear, FrozenWeight};
+use super::ops::{FrozenLinear, FrozenWeight};
 use crate::adapter::LoraTarget;
 use crate::error::{Error, Result};
 
@@ -306,12 +306,10 @@ impl BaseModel {
         // grouped-query attention needs no copy of k and v.
         let group = d.n_head / d.n_head_kv;
         let q = q.reshape((d.n_head_kv, group * t, d.head_dim))?;
-        let scores = q.matmul(&k.t()?)?;
-        let attention = CausalSoftmax {
+        let mixed = Attention {
             scale: 1.0 / (d.head_dim as f32).sqrt(),
         }
-        .forward(&scores)?;
-        let mixed = attention.matmul(&v)?;
+        .forward(&q, &k, &v)?;
         let mixed = mixed
             .reshape((d.n_head, t, d.head_dim))?
             .transpose(0, 1)?

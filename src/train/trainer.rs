@@ -230,14 +230,16 @@ impl Trainer {
             }
             let t = (prompt + response_len) as u64;
             // What one layer keeps for the backward pass (projections, LoRA
-            // sums, rotated heads, the two attention matrices, the gate),
-            // calibrated on measured peaks of the default model.
-            let per_layer =
-                t * (14 * d.n_embd as u64 + 3 * d.n_ff as u64) + 2 * d.n_head as u64 * t * t;
+            // sums, rotated heads, the gate), calibrated on measured peaks of
+            // the default model.
+            let per_layer = t * (14 * d.n_embd as u64 + 3 * d.n_ff as u64);
             d.n_layer as u64 * per_layer * F32 + 3 * response_len as u64 * d.n_vocab as u64 * F32
         };
-        // One dequantized matrix is alive at a time; the largest is the output head.
-        let transient = (d.n_vocab * d.n_embd) as u64 * F32;
+        // Alive for one op at a time: a dequantized matrix (the largest is the
+        // output head) and one layer's attention scores and probabilities.
+        let longest = (with_len.max(without_len) + response_len) as u64;
+        let transient =
+            (d.n_vocab * d.n_embd) as u64 * F32 + 2 * d.n_head as u64 * longest * longest * F32;
         self.model.resident_bytes + transient + pass(with_len) + pass(without_len)
     }
 
@@ -1157,18 +1159,24 @@ mod tests {
     fn responses_are_cut_to_the_memory_budget() {
         let dir = tempfile::tempdir().unwrap();
         let mut example = examples(1, 3).remove(0);
-        example.response = (0..3000).map(|i| i % tiny::N_VOCAB as u32).collect();
         let probe = Trainer::new(tiny_model(dir.path()), tiny_config()).unwrap();
         let (p, pc) = (example.with_history.len(), example.counterfactual.len());
-        let budget = probe.estimated_step_bytes(p, pc, 1000);
+        // A response length whose step needs more than the smallest budget allowed.
+        let cut = (1..)
+            .map(|k| k * 1000)
+            .find(|&r| probe.estimated_step_bytes(p, pc, r) > 64 << 20)
+            .unwrap();
+        example.response = (0..3 * cut as u32)
+            .map(|i| i % tiny::N_VOCAB as u32)
+            .collect();
         let config = TrainConfig {
-            memory_budget_bytes: budget,
+            memory_budget_bytes: probe.estimated_step_bytes(p, pc, cut),
             ..tiny_config()
         };
         let trainer = Trainer::new(tiny_model(dir.path()), config).unwrap();
         let (kept, truncated, dropped) = trainer.fit_to_budget(&[example]).unwrap();
         assert_eq!((truncated, dropped), (1, 0));
-        assert_eq!(kept[0].response.len(), 1000);
+        assert_eq!(kept[0].response.len(), cut);
     }
 
     #[test]
