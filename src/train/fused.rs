@@ -417,26 +417,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
-
-    fn ramp(n: usize, shape: impl Into<Shape>, salt: usize) -> Tensor {
-        let v: Vec<f32> = (0..n)
-            .map(|i| (((i + salt) * 37 % 23) as f32 - 11.0) / 7.0)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::train::testing::{max_abs_diff, ramp};
 
     /// Values and input gradients (under a fixed random-looking upstream
     /// gradient) of `fused` and `composed` agree to `tol`.

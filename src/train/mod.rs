@@ -8,6 +8,8 @@ mod lora;
 mod loss;
 mod model;
 mod ops;
+#[cfg(test)]
+mod testing;
 mod trainer;
 
 pub use config::{

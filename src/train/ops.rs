@@ -347,36 +347,17 @@ fn log_sum_exp(z: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::testing::{max_abs, max_abs_diff, ramp};
     use candle_core::quantized::GgmlDType;
     use candle_core::Var;
 
-    fn ramp(n: usize, shape: impl Into<Shape>) -> Tensor {
-        let v: Vec<f32> = (0..n)
-            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
     #[test]
     fn frozen_linear_matches_plain_matmul_and_its_input_gradient() {
-        let w = ramp(64 * 32, (32, 64));
+        let w = ramp(64 * 32, (32, 64), 0);
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         let w_deq = q.dequantize(&Device::Cpu).unwrap();
         let layer = FrozenLinear::new(FrozenWeight::Quantized(q)).unwrap();
-        let x = Var::from_tensor(&ramp(3 * 5 * 64, (3, 5, 64))).unwrap();
+        let x = Var::from_tensor(&ramp(3 * 5 * 64, (3, 5, 64), 0)).unwrap();
 
         let y = layer.forward(&x).unwrap();
         let y_ref = x.broadcast_matmul(&w_deq.t().unwrap()).unwrap();
@@ -386,15 +367,7 @@ mod tests {
         let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let g_ref = y_ref.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let (gx, gx_ref) = (g.get(&x).unwrap(), g_ref.get(&x).unwrap());
-        let scale = gx_ref
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(gx_ref);
         assert!(
             max_abs_diff(gx, gx_ref) < 1e-5 * scale,
             "input gradients differ"
@@ -407,6 +380,7 @@ mod tests {
         let scores = Var::from_tensor(&ramp(
             groups * rep * q_len * q_len,
             (groups, rep * q_len, q_len),
+            0,
         ))
         .unwrap();
         let op = CausalSoftmax { scale: 0.7 };
@@ -433,7 +407,7 @@ mod tests {
         let y_ref = z.broadcast_div(&z.sum_keepdim(D::Minus1).unwrap()).unwrap();
         assert!(max_abs_diff(&y, &y_ref) < 1e-6);
 
-        let weights = ramp(y.elem_count(), y.shape());
+        let weights = ramp(y.elem_count(), y.shape(), 0);
         let g = (&y * &weights)
             .unwrap()
             .sum_all()

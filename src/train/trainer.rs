@@ -829,6 +829,7 @@ mod tests {
     use crate::adapter::LoraTarget;
     use crate::train::config::CheckpointConfig;
     use crate::train::model::{tiny, Arch};
+    use crate::train::testing::max_abs;
     use rand::Rng;
 
     fn tiny_model(dir: &Path) -> PathBuf {
@@ -872,17 +873,6 @@ mod tests {
                 }
             })
             .collect()
-    }
-
-    fn max_abs(t: &Tensor) -> f32 {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     #[test]
