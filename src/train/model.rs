@@ -4,8 +4,9 @@
 //!
 //! candle's fused `rms_norm`, `softmax_last_dim`, `rope` and `QMatMul` have no
 //! backward pass (the graph is silently cut), so this file builds the forward
-//! from basic ops and the custom ops of [`super::ops`] and [`super::fused`]. Base weights stay in
-//! their GGUF quantization and are frozen; only the LoRA pairs are variables.
+//! from basic ops and the custom ops of [`super::ops`] and [`super::fused`].
+//! Base weights stay in their GGUF quantization and are frozen; only the LoRA
+//! pairs are variables.
 
 use std::fs::File;
 use std::path::Path;
@@ -48,7 +49,7 @@ pub(crate) struct ModelDims {
 
 #[derive(Debug)]
 struct Block {
-    attn_norm: Tensor,
+    attn_norm: RmsNorm,
     q: FrozenLinear,
     k: FrozenLinear,
     v: FrozenLinear,
@@ -56,7 +57,7 @@ struct Block {
     q_bias: Option<Tensor>,
     k_bias: Option<Tensor>,
     v_bias: Option<Tensor>,
-    ffn_norm: Tensor,
+    ffn_norm: RmsNorm,
     gate: FrozenLinear,
     up: FrozenLinear,
     down: FrozenLinear,
@@ -69,7 +70,7 @@ pub(crate) struct BaseModel {
     /// Token embedding in f32 `(n_vocab, n_embd)`; also the output head when tied.
     embedding: Tensor,
     lm_head: FrozenLinear,
-    output_norm: Tensor,
+    output_norm: RmsNorm,
     blocks: Vec<Block>,
     /// Bytes the base weights occupy in memory.
     pub(crate) resident_bytes: u64,
@@ -118,13 +119,22 @@ impl BaseModel {
                 dense(tensor(name)?, name)
             }};
         }
+        // Norm weights are read once here, not at every forward pass.
+        let rms_eps = dims.rms_eps;
+        macro_rules! norm {
+            ($name:expr) => {{
+                let name: &str = &$name;
+                RmsNorm::new(dense!(name)?, rms_eps)
+                    .map_err(|e| invalid(format!("tensor {name}: {e}")))
+            }};
+        }
 
         let embedding = dense!("token_embd.weight")?;
-        let output_norm = dense!("output_norm.weight")?;
+        let output_norm = norm!("output_norm.weight")?;
         let mut blocks = Vec::with_capacity(dims.n_layer);
         for i in 0..dims.n_layer {
-            let attn_norm = dense!(format!("blk.{i}.attn_norm.weight"))?;
-            let ffn_norm = dense!(format!("blk.{i}.ffn_norm.weight"))?;
+            let attn_norm = norm!(format!("blk.{i}.attn_norm.weight"))?;
+            let ffn_norm = norm!(format!("blk.{i}.ffn_norm.weight"))?;
             let (q_bias, k_bias, v_bias) = match dims.arch {
                 Arch::Qwen2 => (
                     Some(dense!(format!("blk.{i}.attn_q.bias"))?),
@@ -258,7 +268,7 @@ impl BaseModel {
         }
 
         let x = x.narrow(0, first_row, t - first_row)?;
-        let x = RmsNorm::new(self.output_norm.clone(), self.dims.rms_eps)?.forward(&x)?;
+        let x = self.output_norm.forward(&x)?;
         self.lm_head.forward(&x)
     }
 
@@ -292,7 +302,7 @@ impl BaseModel {
             None => Ok(y),
         };
 
-        let h = RmsNorm::new(b.attn_norm.clone(), d.rms_eps)?.forward(x)?;
+        let h = b.attn_norm.forward(x)?;
         let q = with_bias(project(LoraTarget::Q, &h)?, &b.q_bias)?;
         let k = with_bias(project(LoraTarget::K, &h)?, &b.k_bias)?;
         let v = with_bias(project(LoraTarget::V, &h)?, &b.v_bias)?;
@@ -316,7 +326,7 @@ impl BaseModel {
             .reshape((t, d.n_head * d.head_dim))?;
         let x = (x + project(LoraTarget::O, &mixed)?)?;
 
-        let h = RmsNorm::new(b.ffn_norm.clone(), d.rms_eps)?.forward(&x)?;
+        let h = b.ffn_norm.forward(&x)?;
         let gated = swiglu(
             &project(LoraTarget::Gate, &h)?,
             &project(LoraTarget::Up, &h)?,
