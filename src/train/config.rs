@@ -192,7 +192,7 @@ pub struct TrainConfig {
     pub checkpoint: Option<CheckpointConfig>,
     /// Memory the run may use, in bytes, by [`Trainer::estimated_step_bytes`](super::Trainer::estimated_step_bytes);
     /// caps the tokens of one step. Default 6 GB (a NextQuill step with a
-    /// 600-token history prompt and a 100-token response estimates about 2 GB).
+    /// 600-token history prompt and a 100-token response estimates about 1.5 GB).
     pub memory_budget_bytes: u64,
 }
 

@@ -16,7 +16,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Sha
 use rayon::prelude::*;
 
 use super::model::Arch;
-use super::ops::{contiguous_f32, CausalSoftmax};
+use super::ops::{contiguous_f32, with_f32, CausalSoftmax};
 
 /// The f32 contents of a contiguous CPU tensor.
 fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -154,28 +154,50 @@ impl Rope {
     /// Rotates every `(t, head_dim)` row block of `x` into `y` by the angles
     /// of its position; `sign = -1` rotates back (the backward pass).
     fn rotate(&self, x: &[f32], y: &mut [f32], t: usize, head_dim: usize, sign: f32) {
-        let half = head_dim / 2;
-        // Index pairs (first, second) of rotary pair i within a row.
-        let pair = |i: usize| match self.arch {
-            Arch::Llama => (2 * i, 2 * i + 1),
-            Arch::Qwen2 => (i, i + half),
-        };
         y.par_chunks_mut(head_dim)
             .zip(x.par_chunks(head_dim))
             .enumerate()
-            .for_each(|(row, (y, x))| {
-                let p = row % t;
-                let (cos, sin) = (
-                    &self.cos_values[p * half..(p + 1) * half],
-                    &self.sin_values[p * half..(p + 1) * half],
-                );
-                for i in 0..half {
-                    let (a, b) = pair(i);
-                    let (c, s) = (cos[i], sign * sin[i]);
-                    y[a] = x[a] * c - x[b] * s;
-                    y[b] = x[a] * s + x[b] * c;
-                }
-            });
+            .for_each(|(row, (y, x))| self.rotate_row(x, y, row % t, sign));
+    }
+
+    /// Rotates one head's `x` at position `p` into `y`.
+    fn rotate_row(&self, x: &[f32], y: &mut [f32], p: usize, sign: f32) {
+        let half = x.len() / 2;
+        let (cos, sin) = (
+            &self.cos_values[p * half..(p + 1) * half],
+            &self.sin_values[p * half..(p + 1) * half],
+        );
+        for i in 0..half {
+            // Index pairs (first, second) of rotary pair i within a row.
+            let (a, b) = match self.arch {
+                Arch::Llama => (2 * i, 2 * i + 1),
+                Arch::Qwen2 => (i, i + half),
+            };
+            let (c, s) = (cos[i], sign * sin[i]);
+            y[a] = x[a] * c - x[b] * s;
+            y[b] = x[a] * s + x[b] * c;
+        }
+    }
+
+    /// Rotates a projection's output `(t, heads * head_dim)` straight into
+    /// attention's layout `(heads, t, head_dim)`.
+    ///
+    /// One op instead of a transposed copy and a rotation: the copy would stay
+    /// alive until the backward pass, for every layer.
+    pub(crate) fn forward_heads(&self, x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+        let (t, width) = x.dims2()?;
+        if heads == 0 || width % heads != 0 {
+            bail!("rope cannot split width {width} into {heads} heads")
+        }
+        if x.device().is_cpu() {
+            x.contiguous()?.apply_op1(RopeHeads {
+                rope: self.clone(),
+                heads,
+            })
+        } else {
+            let x = x.reshape((t, heads, width / heads))?.transpose(0, 1)?;
+            self.forward(&x.contiguous()?)
+        }
     }
 
     fn check(&self, dims: &[usize]) -> candle_core::Result<(usize, usize)> {
@@ -247,6 +269,71 @@ impl CustomOp1 for Rope {
         let g = values(grad_res)?;
         let mut dx = vec![0f32; g.len()];
         self.rotate(&g, &mut dx, t, head_dim, -1.0);
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// The CPU op behind [`Rope::forward_heads`].
+#[derive(Debug, Clone)]
+struct RopeHeads {
+    rope: Rope,
+    heads: usize,
+}
+
+impl RopeHeads {
+    /// `(t, head_dim)` of a token-major input of `dims`.
+    fn check(&self, dims: &[usize]) -> candle_core::Result<(usize, usize)> {
+        let &[t, width] = dims else {
+            bail!("rope-heads needs (t, heads * head_dim), got {dims:?}")
+        };
+        let head_dim = width / self.heads;
+        self.rope.check(&[self.heads, t, head_dim])?;
+        Ok((t, head_dim))
+    }
+}
+
+impl CustomOp1 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "rope-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let (t, head_dim) = self.check(layout.dims())?;
+        let width = self.heads * head_dim;
+        let mut y = vec![0f32; x.len()];
+        // Output row `h * t + p` is head h of token p.
+        y.par_chunks_mut(head_dim).enumerate().for_each(|(row, y)| {
+            let (h, p) = (row / t, row % t);
+            let x = &x[p * width + h * head_dim..][..head_dim];
+            self.rope.rotate_row(x, y, p, 1.0);
+        });
+        Ok((CpuStorage::F32(y), Shape::from((self.heads, t, head_dim))))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (t, head_dim) = self.check(arg.dims())?;
+        let mut dx = vec![0f32; arg.elem_count()];
+        with_f32(grad_res, self.name(), |g| {
+            // Input row `p * heads + h` is head h of token p.
+            dx.par_chunks_mut(head_dim)
+                .enumerate()
+                .for_each(|(row, dx)| {
+                    let (p, h) = (row / self.heads, row % self.heads);
+                    let g = &g[(h * t + p) * head_dim..][..head_dim];
+                    self.rope.rotate_row(g, dx, p, -1.0);
+                });
+            Ok(())
+        })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -336,13 +423,23 @@ pub(crate) struct Attention {
 }
 
 impl Attention {
+    /// The heads' outputs side by side per token, `(t, heads * head_dim)`:
+    /// the layout the output projection reads, so no transposed copy of them
+    /// has to stay alive until the backward pass.
     pub(crate) fn forward(self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
         if q.device().is_cpu() {
             q.contiguous()?
                 .apply_op3(&k.contiguous()?, &v.contiguous()?, self)
         } else {
+            let (kv_heads, rows, head_dim) = q.dims3()?;
+            let t = k.dim(1)?;
+            let heads = kv_heads * (rows / t);
             let probabilities = CausalSoftmax { scale: self.scale }.forward(&q.matmul(&k.t()?)?)?;
-            probabilities.matmul(v)
+            probabilities
+                .matmul(v)?
+                .reshape((heads, t, head_dim))?
+                .transpose(0, 1)?
+                .reshape((t, heads * head_dim))
         }
     }
 
@@ -386,8 +483,18 @@ impl CustomOp3 for Attention {
             )
         }
         let out = self.probabilities(&q, &k)?.matmul(&v)?;
-        let shape = out.shape().clone();
-        Ok((CpuStorage::F32(out.flatten_all()?.to_vec1()?), shape))
+        // `out` is `(heads, t, head_dim)`; row `p * heads + h` of the result is
+        // head h of token p.
+        let n_head = heads * (rows / t);
+        let mut y = vec![0f32; out.elem_count()];
+        with_f32(&out, "attention", |out| {
+            y.par_chunks_mut(head_dim).enumerate().for_each(|(i, y)| {
+                let (p, h) = (i / n_head, i % n_head);
+                y.copy_from_slice(&out[(h * t + p) * head_dim..][..head_dim]);
+            });
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(y), Shape::from((t, n_head * head_dim))))
     }
 
     fn bwd(
@@ -399,7 +506,22 @@ impl CustomOp3 for Attention {
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let grad = grad_res.detach().contiguous()?;
+        let (kv_heads, rows, head_dim) = q.dims3()?;
+        let t = k.dim(1)?;
+        let n_head = kv_heads * (rows / t);
+        // Back from token-major `(t, heads * head_dim)` to `(kv_heads, rows, head_dim)`.
+        let mut heads_major = vec![0f32; grad_res.elem_count()];
+        with_f32(grad_res, "attention", |g| {
+            heads_major
+                .par_chunks_mut(head_dim)
+                .enumerate()
+                .for_each(|(i, row)| {
+                    let (h, p) = (i / t, i % t);
+                    row.copy_from_slice(&g[(p * n_head + h) * head_dim..][..head_dim]);
+                });
+            Ok(())
+        })?;
+        let grad = Tensor::from_vec(heads_major, (kv_heads, rows, head_dim), q.device())?;
         let p = self.probabilities(&q, &k)?;
         let d_v = p.t()?.matmul(&grad)?;
         let d_p = grad.matmul(&v.t()?)?;
@@ -469,6 +591,27 @@ mod tests {
     }
 
     #[test]
+    fn rope_into_heads_matches_a_transpose_then_rope() {
+        let (heads, t, head_dim) = (3, 5, 8);
+        let angles: Vec<f32> = (0..t * head_dim / 2).map(|i| i as f32 * 0.37).collect();
+        let angles = Tensor::from_vec(angles, (t, head_dim / 2), &Device::Cpu).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        for arch in [Arch::Llama, Arch::Qwen2] {
+            let x =
+                Var::from_tensor(&ramp(t * heads * head_dim, (t, heads * head_dim), 2)).unwrap();
+            let rope = Rope::new(cos.clone(), sin.clone(), arch).unwrap();
+            let fused = rope.forward_heads(&x, heads).unwrap();
+            let by_heads = x
+                .reshape((t, heads, head_dim))
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap();
+            let composed = rope_composed(&by_heads, &cos, &sin, arch).unwrap();
+            assert_same(&[&x], &fused, &composed, 1e-5);
+        }
+    }
+
+    #[test]
     fn swiglu_matches_the_basic_op_composition() {
         let gate = Var::from_tensor(&ramp(6 * 10, (6, 10), 2)).unwrap();
         let up = Var::from_tensor(&ramp(6 * 10, (6, 10), 7)).unwrap();
@@ -496,6 +639,12 @@ mod tests {
             .forward(&q.matmul(&k.t().unwrap()).unwrap())
             .unwrap()
             .matmul(&v)
+            .unwrap()
+            .reshape((kv_heads * group, t, head_dim))
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap()
+            .reshape((t, kv_heads * group * head_dim))
             .unwrap();
         assert_same(&[&q, &k, &v], &fused, &composed, 1e-5);
     }

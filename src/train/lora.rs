@@ -193,6 +193,11 @@ impl Dropout {
         }
     }
 
+    /// Whether any value is ever dropped (`p > 0`).
+    pub(crate) fn is_active(&self) -> bool {
+        self.p > 0.0
+    }
+
     /// Applies dropout to `x` (a no-op when `p` is 0).
     pub(crate) fn apply(&mut self, x: &Tensor) -> candle_core::Result<Tensor> {
         if self.p == 0.0 {

@@ -283,19 +283,23 @@ impl BaseModel {
         let d = &self.dims;
         let t = x.dim(0)?;
         let mut project = |target: LoraTarget, x: &Tensor| -> candle_core::Result<Tensor> {
-            let base = self.linear(layer, target).forward(x)?;
+            let linear = self.linear(layer, target);
             let Some(adapter) = adapter.as_deref_mut() else {
-                return Ok(base);
+                return linear.forward(x);
             };
             let Some(pair) = adapter.lora.get(layer, target) else {
-                return Ok(base);
+                return linear.forward(x);
             };
-            let x = match adapter.dropout.as_deref_mut() {
-                Some(dropout) => dropout.apply(x)?,
-                None => x.clone(),
-            };
-            let update = x.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)?;
-            base + update.affine(adapter.lora.scale(), 0.0)?
+            let scale = adapter.lora.scale();
+            match adapter.dropout.as_deref_mut().filter(|d| d.is_active()) {
+                // The LoRA branch sees another input than the frozen layer.
+                Some(dropout) => {
+                    let dropped = dropout.apply(x)?;
+                    let update = dropped.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)?;
+                    linear.forward(x)? + update.affine(scale, 0.0)?
+                }
+                None => linear.forward_lora(x, &pair.a, &pair.b, scale as f32),
+            }
         };
         let with_bias = |y: Tensor, bias: &Option<Tensor>| match bias {
             Some(bias) => y.broadcast_add(bias),
@@ -306,11 +310,12 @@ impl BaseModel {
         let q = with_bias(project(LoraTarget::Q, &h)?, &b.q_bias)?;
         let k = with_bias(project(LoraTarget::K, &h)?, &b.k_bias)?;
         let v = with_bias(project(LoraTarget::V, &h)?, &b.v_bias)?;
-        let heads =
-            |y: Tensor, n: usize| y.reshape((t, n, d.head_dim))?.transpose(0, 1)?.contiguous();
-        let q = rope.forward(&heads(q, d.n_head)?)?;
-        let k = rope.forward(&heads(k, d.n_head_kv)?)?;
-        let v = heads(v, d.n_head_kv)?;
+        let q = rope.forward_heads(&q, d.n_head)?;
+        let k = rope.forward_heads(&k, d.n_head_kv)?;
+        let v = v
+            .reshape((t, d.n_head_kv, d.head_dim))?
+            .transpose(0, 1)?
+            .contiguous()?;
 
         // Query heads that share a key/value head are stacked along the rows, so
         // grouped-query attention needs no copy of k and v.
@@ -320,10 +325,6 @@ impl BaseModel {
             scale: 1.0 / (d.head_dim as f32).sqrt(),
         }
         .forward(&q, &k, &v)?;
-        let mixed = mixed
-            .reshape((d.n_head, t, d.head_dim))?
-            .transpose(0, 1)?
-            .reshape((t, d.n_head * d.head_dim))?;
         let x = (x + project(LoraTarget::O, &mixed)?)?;
 
         let h = b.ffn_norm.forward(&x)?;

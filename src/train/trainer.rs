@@ -229,10 +229,10 @@ impl Trainer {
                 return 0;
             }
             let t = (prompt + response_len) as u64;
-            // What one layer keeps for the backward pass (projections, LoRA
-            // sums, rotated heads, the gate), calibrated on measured peaks of
-            // the default model.
-            let per_layer = t * (14 * d.n_embd as u64 + 3 * d.n_ff as u64);
+            // What one layer keeps for the backward pass (norms, projections,
+            // rotated heads, attention output, residual sums, the gate),
+            // calibrated on measured peaks of the default model.
+            let per_layer = t * (8 * d.n_embd as u64 + 3 * d.n_ff as u64);
             d.n_layer as u64 * per_layer * F32 + 3 * response_len as u64 * d.n_vocab as u64 * F32
         };
         // Alive for one op at a time: a dequantized matrix (the largest is the
