@@ -7,9 +7,10 @@ mod common;
 use std::ops::ControlFlow;
 
 use nextquill::engine::{Engine, EngineOptions, ExampleSelection, TrainRequest};
+use nextquill::eval::{run, Decoding, EvalConfig, EvalEvent, Regime};
 use nextquill::llm::{GenerateOptions, Model, ModelOptions, Role, Sampling, ScoreOptions};
-use nextquill::store::{ImportOptions, Store, StoreOptions};
-use nextquill::train::{Control, Objective, TrainConfig, Trainer};
+use nextquill::store::{ImportOptions, Store, StoreOptions, SHARED_ADAPTER_USER};
+use nextquill::train::{CheckpointConfig, Control, Objective, TrainConfig, Trainer};
 
 /// Two invented users with opposite habits, as per-user JSONL.
 fn users_jsonl() -> String {
@@ -250,4 +251,68 @@ fn a_trained_adapter_moves_llama_cpp_as_it_moves_the_trainer_and_users_get_their
         !engine.store().adapters("dry").unwrap().is_empty(),
         "the other user keeps theirs"
     );
+}
+
+/// Regression: `eval` resumed a training checkpoint left by an earlier,
+/// interrupted benchmark, so it trained fewer steps and reported a shorter
+/// training time than the run it claimed to be.
+#[test]
+fn an_eval_trains_from_scratch_even_when_an_interrupted_run_left_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path());
+    let training = TrainConfig {
+        checkpoint: Some(CheckpointConfig {
+            every_steps: 1,
+            ..CheckpointConfig::new(dir.path().join("unused"))
+        }),
+        ..TrainConfig::default()
+    };
+    let config = EvalConfig {
+        regimes: vec![Regime::Shared],
+        decodings: vec![Decoding::Greedy],
+        test_users: 1,
+        shared_examples_per_user: 2,
+        shared_training: training,
+        max_new_tokens: 4,
+        ..EvalConfig::default()
+    };
+    // Two users, the last item of each is never trained on: 2 examples each.
+    let examples = 4;
+
+    // Steps of the NextQuill training seen by `events`; `stop_after` interrupts it.
+    let nextquill_steps = |stop_after: Option<usize>| {
+        let (mut in_nextquill, mut steps) = (false, 0);
+        let outcome = run(&engine, &config, &mut |event| {
+            match event {
+                EvalEvent::Stage { name, .. } => {
+                    in_nextquill = name.starts_with("training nextquill")
+                }
+                EvalEvent::Advance { .. } if in_nextquill => steps += 1,
+                EvalEvent::Advance { .. } => {}
+            }
+            match stop_after {
+                Some(n) if in_nextquill && steps == n => ControlFlow::Break(()),
+                _ => ControlFlow::Continue(()),
+            }
+        });
+        (outcome, steps)
+    };
+
+    let (interrupted, steps) = nextquill_steps(Some(2));
+    assert!(interrupted.is_err(), "the first run was stopped");
+    assert_eq!(steps, 2);
+    let checkpoint = engine.checkpoint_dir(SHARED_ADAPTER_USER, &Objective::nextquill());
+    assert!(
+        checkpoint.join("checkpoint.safetensors").exists(),
+        "the interrupted run left its checkpoint"
+    );
+
+    let (report, steps) = nextquill_steps(None);
+    let report = report.unwrap();
+    assert_eq!(report.shared_examples, examples);
+    assert_eq!(steps, examples, "every example trained again, none resumed");
+    let table = &report.tables[0];
+    let names: Vec<_> = table.methods.iter().map(|m| m.method.name()).collect();
+    assert_eq!(names, ["base", "history", "sft", "nextquill"]);
+    assert!(table.nextquill_minus_sft.is_some());
 }

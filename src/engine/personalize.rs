@@ -117,6 +117,13 @@ impl Engine {
         self.train_adapter(user, &examples, request, progress)
     }
 
+    /// Where training checkpoints of `owner`'s adapters with `objective` are
+    /// kept unless the request names another folder.
+    pub fn checkpoint_dir(&self, owner: &str, objective: &Objective) -> PathBuf {
+        owner_dir(&self.adapter_dir, owner)
+            .join(format!("checkpoint-{}", objective_name(objective)))
+    }
+
     /// Trains one adapter on `examples` (of one user or many) and registers it
     /// under `owner` (a user id, or [`crate::store::SHARED_ADAPTER_USER`]).
     pub fn train_adapter(
@@ -132,7 +139,7 @@ impl Engine {
         let mut config = request.config.clone();
         if config.checkpoint.is_none() {
             config.checkpoint = Some(CheckpointConfig::new(
-                owner_dir.join(format!("checkpoint-{objective}")),
+                self.checkpoint_dir(owner, &config.objective),
             ));
         }
 

@@ -20,7 +20,7 @@ use super::metrics::{
 use crate::engine::{AdapterChoice, Engine, GenerationPlan, ItemPrompt, SanityGate, TrainRequest};
 use crate::llm::{GenerateOptions, Sampling};
 use crate::store::{AdapterRecord, SHARED_ADAPTER_USER};
-use crate::train::{Control, Objective, Progress, TrainConfig};
+use crate::train::{CheckpointConfig, Control, Objective, Progress, ResumePolicy, TrainConfig};
 use crate::{Error, Result};
 
 /// What a prompt holds and which adapter is applied.
@@ -444,6 +444,13 @@ impl Runner<'_> {
             Method::Nextquill => Objective::nextquill(),
             _ => Objective::Sft,
         };
+        // A benchmark trains from scratch: a checkpoint left by an earlier,
+        // interrupted run would shorten the training time it reports.
+        config.checkpoint = Some(CheckpointConfig {
+            dir: self.engine.checkpoint_dir(owner, &config.objective),
+            every_steps: base.checkpoint.as_ref().map_or(50, |c| c.every_steps),
+            resume: ResumePolicy::StartOver,
+        });
         let request = TrainRequest {
             config,
             // Benchmarks score every adapter; activation is irrelevant here.
