@@ -147,10 +147,40 @@ pub struct Trainer {
 /// Bytes of one f32.
 const F32: u64 = 4;
 
+/// Keeps candle's own helper threads within the trainer's thread budget.
+///
+/// candle runs large elementwise ops (the residual adds, the gradient sums of
+/// backprop) on a process-wide pool that it sizes from `CANDLE_NUM_THREADS`
+/// (default: one thread per physical core) and whose threads spin for about a
+/// millisecond after every op before they sleep. Both are read once, when the
+/// pool first starts. Left at the defaults, the spinning takes a core from the
+/// trainer's matrix products after each of the step's hundreds of small ops
+/// (one NextQuill step on 2 cores: 3.36 s with the defaults, 3.04 s without
+/// the spinning), and on a phone the pool ignores the thread count the app
+/// chose. So before candle's first use the pool gets the trainer's thread
+/// count and threads that sleep as soon as their work is done. A variable the
+/// application has already set is left as it is, and only the first trainer
+/// of a process decides.
+fn tame_candle_threads(threads: usize) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let settings = [
+            ("CANDLE_NUM_THREADS", threads.to_string()),
+            ("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1".to_string()),
+        ];
+        for (name, value) in settings {
+            if std::env::var_os(name).is_none() {
+                std::env::set_var(name, value);
+            }
+        }
+    });
+}
+
 impl Trainer {
     /// Loads the base model from `gguf_path` (kept quantized) after validating `config`.
     pub fn new(gguf_path: impl AsRef<Path>, config: TrainConfig) -> Result<Self> {
         config.validate()?;
+        tame_candle_threads(config.threads);
         let model = BaseModel::load(gguf_path.as_ref(), &Device::Cpu)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(config.threads)
