@@ -155,7 +155,7 @@ const F32: u64 = 4;
 /// millisecond after every op before they sleep. Both are read once, when the
 /// pool first starts. Left at the defaults, the spinning takes a core from the
 /// trainer's matrix products after each of the step's hundreds of small ops
-/// (one NextQuill step on 2 cores: 3.36 s with the defaults, 3.04 s without
+/// (one NextQuill step on 2 cores: 3.22 s with the defaults, 2.99 s without
 /// the spinning), and on a phone the pool ignores the thread count the app
 /// chose. So before candle's first use the pool gets the trainer's thread
 /// count and threads that sleep as soon as their work is done. A variable the
