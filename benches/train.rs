@@ -9,24 +9,17 @@ mod common;
 
 use std::time::Duration;
 
-use common::model_path;
+use common::{model_path, token_ids};
 use criterion::Criterion;
 use nextquill::train::{Control, Objective, TrainConfig, TrainExample, Trainer};
 
 const PEAK_ENV: &str = "NEXTQUILL_BENCH_PEAK";
 
-/// Token ids in the ordinary-word range of the vocabulary; speed does not depend on which.
-fn ids(n: usize, offset: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| 300 + (i * 7919 + offset) % 40_000)
-        .collect()
-}
-
 fn example() -> TrainExample {
     TrainExample {
-        with_history: ids(300, 1),
-        counterfactual: ids(160, 2),
-        response: ids(100, 3),
+        with_history: token_ids(300, 1),
+        counterfactual: token_ids(160, 2),
+        response: token_ids(100, 3),
         fixed_weights: None,
     }
 }

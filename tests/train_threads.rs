@@ -34,11 +34,10 @@ fn candle_helper_threads_follow_the_trainer_thread_count_and_the_app_settings() 
 
     // Long enough that the residual adds and gradient sums reach candle's
     // parallel path (64K elements: 114 positions of a 576-wide model).
-    let ids = |n: u32, offset: u32| (0..n).map(|i| 300 + (i * 7919 + offset) % 40_000).collect();
     let example = TrainExample {
-        with_history: ids(200, 1),
-        counterfactual: ids(150, 2),
-        response: ids(40, 3),
+        with_history: common::token_ids(200, 1),
+        counterfactual: common::token_ids(150, 2),
+        response: common::token_ids(40, 3),
         fixed_weights: None,
     };
     let outcome = trainer

@@ -17,6 +17,14 @@ pub fn model_path() -> PathBuf {
         })
 }
 
+/// `n` token ids in the ordinary-word range of the vocabulary, varied by
+/// `offset`: for training steps whose speed or threading, not text, is measured.
+pub fn token_ids(n: usize, offset: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| 300 + (i * 7919 + offset) % 40_000)
+        .collect()
+}
+
 /// Compute threads of the benches: `NEXTQUILL_THREADS`, else 2.
 pub fn threads() -> usize {
     std::env::var("NEXTQUILL_THREADS")
